@@ -1,0 +1,2 @@
+"""lowbit: low-bit diffusion models."""
+__version__ = "0.1.0"
