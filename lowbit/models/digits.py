@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -92,7 +92,7 @@ def load_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
         )
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
             f"{what} checkpoint {path} is not a valid safetensors file ({e}). "
             f"Re-create it with `lowbit-train-digits` or restore the shipped file."
@@ -140,3 +140,16 @@ class LoadedModel:
     null_class: int | None = None
     sample_shape: tuple[int, ...] = ()
     name: str = ""
+
+
+def load_digits_model(checkpoint: str | Path | None = None) -> LoadedModel:
+    """Model loader of ``model=digits`` (Hydra ``_target_``)."""
+    return LoadedModel(
+        denoiser=load_digits_unet(checkpoint),
+        noise_schedule=dict(DIGITS_NOISE_SCHEDULE),
+        conditioning="class",
+        num_classes=NUM_CLASSES,
+        null_class=NULL_CLASS,
+        sample_shape=(1, RESOLUTION, RESOLUTION),
+        name="digits",
+    )

@@ -1,0 +1,1 @@
+"""Datasets, reference images and FP trajectories."""

@@ -1,0 +1,52 @@
+"""The interface every method implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class
+from omegaconf import DictConfig
+from torch import nn
+
+from lowbit.models import LoadedModel
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the teacher: the resolved run config, the run directory,
+    the shared cache directory and a place to record costs and reports for results.json."""
+
+    cfg: DictConfig
+    output_dir: Path
+    cache_dir: Path
+    loaded: LoadedModel
+    cost: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """``prepare`` returns the student to sample from. Calibration-only methods do all their work
+    there; fine-tuning methods run a Lightning fit inside it."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def label(self) -> str:
+        """How results and tables name this method with its options (e.g. ``ptq+adaround``)."""
+        return self.name
+
+    def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
+        raise NotImplementedError
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """Instantiate the class named by ``method._target_`` with the method config."""
+    cls = get_class(cfg._target_)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"method._target_={cfg._target_} is not a lowbit Method subclass")
+    return cls(cfg)

@@ -1,0 +1,155 @@
+"""One run: load the FP model, apply the method, sample, measure, write results, log to W&B."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import lowbit
+from lowbit.config import ConfigError, check_writable, validate
+from lowbit.data.digits import reference_folder, save_png_folder, to_uint8
+from lowbit.methods import MethodContext, build_method
+from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
+from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", name, "CUDA is not available on this machine",
+                          "pass device=cpu (or device=auto)")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def class_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Evenly spread class labels 0, 1, …, 9, 0, 1, … so every class is measured."""
+    return torch.arange(num_samples) % max(num_classes, 1)
+
+
+def _param_mb(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def _summary_table(results: dict) -> str:
+    m, c = results["metrics"], results["cost"]
+    head = ["model", "method", "bits", "sampler", *m, "size_mb", "total_s"]
+    row = [results["model"], results["method"], results["bits"], results["sampler"],
+           *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in m.values()),
+           f"{c.get('size_mb', float('nan')):.3g}", f"{c.get('total_s', float('nan')):.1f}"]
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
+
+
+def run_experiment(cfg: DictConfig) -> dict:
+    """Run one job of ``cfg`` and return its results (also written to ``results.json``)."""
+    validate(cfg)
+    out = Path(cfg.paths.output_dir)
+    check_writable(out)
+    results_path = out / RESULTS
+    if results_path.is_file() and not cfg.force:
+        previous = read_results(results_path)
+        if previous.get("status") == "done":
+            log.info("%s already done — skipped (force=true to re-run)", results_path)
+            return previous
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    t_start = time.perf_counter()
+
+    loaded = instantiate(cfg.model.loader)
+    teacher = loaded.denoiser.to(device).eval()
+    ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
+    method = build_method(cfg.method)
+    student = method.prepare(teacher, ctx).to(device).eval()
+
+    labels = class_labels(int(cfg.metrics.num_samples), loaded.num_classes)
+    sampler = SamplerConfig(**{k: cfg.sampler[k] for k in
+                               ("kind", "steps", "eta", "guidance_scale", "batch_size")})
+    t0 = time.perf_counter()
+    x0 = sample_many(GuidedDenoiser(student, loaded.null_class), loaded.noise_schedule, sampler,
+                     labels, loaded.sample_shape, seed=int(cfg.seed))
+    sample_s = time.perf_counter() - t0
+
+    images = to_uint8(x0)
+    sample_dir = out / "samples"
+    save_png_folder(images, sample_dir, labels)
+    grid = image_grid_uint8(images[: int(cfg.metrics.grid_size)], nrow=loaded.num_classes or 10)
+    from PIL import Image
+
+    Image.fromarray(grid.numpy()).save(out / "grid.png")
+
+    t0 = time.perf_counter()
+    metrics_fn = _build_metrics(cfg)
+    metrics = metrics_fn(sample_dir, reference_folder(Path(cfg.paths.cache_dir)), images, labels)
+    metrics_s = time.perf_counter() - t0
+
+    cost = {
+        "sample_s": sample_s,
+        "metrics_s": metrics_s,
+        "total_s": time.perf_counter() - t_start,
+        "peak_mem_mb": peak_memory_mb(device),
+        "size_mb": _param_mb(student),
+        "params": sum(p.numel() for p in student.parameters()),
+        **ctx.cost,
+    }
+    results = {
+        "model": cfg.model.name,
+        "method": method.label,
+        "bits": cfg.bits.name,
+        "dataset": cfg.dataset.name,
+        "sampler": cfg.sampler.name,
+        "metrics": metrics,
+        "cost": cost,
+        "report": ctx.report,
+        "status": "done",
+        "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "version": lowbit.__version__,
+    }
+    write_json_atomic(results_path, results)
+    log.info("results written to %s", results_path)
+    _log_wandb(cfg, out, results, grid)
+    print(_summary_table(results))
+    return results
+
+
+def _build_metrics(cfg: DictConfig):
+    from hydra.utils import get_class
+
+    return get_class(cfg.metrics._target_)(classifier_checkpoint=cfg.metrics.classifier_checkpoint)
+
+
+def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:
+    lg = cfg.logger
+    run = WandbRun(
+        enabled=lg.name == "wandb",
+        project=lg.get("project"), entity=lg.get("entity"), group=lg.get("group"),
+        mode=lg.get("mode", "offline"), dir=str(out), tags=list(cfg.get("tags", [])),
+        name=f"{cfg.model.name}-{cfg.method.name}-{cfg.bits.name}-{cfg.sampler.name}",
+        config=results["config"], reinit="finish_previous",
+    )
+    try:
+        run.log_results(results, grid)
+    finally:
+        run.finish()
+    if run.error:
+        results["wandb_error"] = run.error
+        write_json_atomic(out / RESULTS, results)

@@ -1,0 +1,101 @@
+"""``lowbit-report <sweep dir>``: the jobs' results.json files as one markdown table and a CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+# leading columns, in this order; metrics and costs follow
+ID_COLS = ["job", "model", "method", "bits", "dataset", "sampler", "status"]
+COST_COLS = ["size_mb", "calib_s", "finetune_s", "sample_s", "total_s", "peak_mem_mb",
+             "trainable_params"]
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per results.json under ``sweep_dir`` (jobs of a multirun, or single runs)."""
+    rows = []
+    for path in sorted(Path(sweep_dir).rglob("results.json"), key=_job_key):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            rows.append({"job": _job_name(path, sweep_dir), "status": f"unreadable ({e})"})
+            continue
+        row = {"job": _job_name(path, sweep_dir)}
+        row.update({k: res.get(k) for k in ID_COLS[1:]})
+        row.update(res.get("metrics") or {})
+        row.update({k: v for k, v in (res.get("cost") or {}).items() if k in COST_COLS})
+        rows.append(row)
+    return rows
+
+
+def _job_name(path: Path, root: Path) -> str:
+    rel = path.parent.relative_to(root)
+    return str(rel) if str(rel) != "." else path.parent.name
+
+
+def _job_key(path: Path) -> tuple:
+    # numeric job subdirs (0, 1, …, 10) sort as numbers
+    parts = path.parent.parts
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def columns(rows: list[dict]) -> list[str]:
+    metric_cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in ID_COLS and k not in COST_COLS and k not in metric_cols:
+                metric_cols.append(k)
+    present = {k for r in rows for k in r}
+    return [c for c in ID_COLS if c in present] + metric_cols + [c for c in COST_COLS if c in present]
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit-report", description=__doc__)
+    p.add_argument("sweep_dir", type=Path, help="a multirun folder (or any folder of runs)")
+    p.add_argument("--csv", type=Path, default=None, help="CSV path (default <sweep_dir>/results.csv)")
+    p.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
+    args = p.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"lowbit-report: {args.sweep_dir} is not a folder; pass the sweep's output folder "
+              f"(logs/<task>/multiruns/<time>)", file=sys.stderr)
+        return 2
+    rows = collect(args.sweep_dir)
+    if not rows:
+        print(f"lowbit-report: no results.json under {args.sweep_dir}; did the jobs finish?",
+              file=sys.stderr)
+        return 1
+    cols = columns(rows)
+    table = to_markdown(rows, cols)
+    print(table)
+    write_csv(rows, cols, args.csv or args.sweep_dir / "results.csv")
+    if args.md:
+        args.md.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""results.json (atomic) and Weights & Biases (offline by default).
+
+results.json is always written before W&B is touched, and any W&B failure (no disk, bad key,
+no network) is reported as a warning — never at the cost of the run's results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("model", "method", "bits", "dataset", "sampler", "metrics", "cost", "status",
+               "config", "version")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+def _finite(o: Any) -> Any:
+    """JSON has no NaN/inf: store them as null rather than writing an invalid file."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def image_grid_uint8(images_u8: torch.Tensor, nrow: int) -> torch.Tensor:
+    """[N, C, H, W] uint8 → one [H', W', 3] uint8 grid (W&B ≥ 0.30 casts floats without rescaling,
+    so the conversion to uint8 is done here)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images_u8.float(), nrow=nrow, padding=1, pad_value=255.0)
+    return grid.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+class WandbRun:
+    """One W&B run per job. Every call is guarded: W&B failing only produces a warning."""
+
+    def __init__(self, enabled: bool, **init_kwargs: Any) -> None:
+        self.run = None
+        self.error: str | None = None
+        if not enabled:
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(**init_kwargs)
+        except Exception as e:  # noqa: BLE001 - a tracker must never take a run down
+            self._fail("init", e)
+
+    def _fail(self, what: str, e: Exception) -> None:
+        self.error = f"wandb {what} failed: {type(e).__name__}: {e}"
+        log.warning("%s — results.json is unaffected", self.error)
+
+    def log(self, data: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(data)
+        except Exception as e:  # noqa: BLE001
+            self._fail("log", e)
+
+    def log_results(self, results: dict, grid_u8: torch.Tensor | None) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            flat = {f"metrics/{k}": v for k, v in results.get("metrics", {}).items()}
+            flat.update({f"cost/{k}": v for k, v in results.get("cost", {}).items()
+                         if isinstance(v, (int, float))})
+            if grid_u8 is not None:
+                flat["samples"] = wandb.Image(grid_u8.numpy(), caption="generated samples")
+            cols = ["model", "method", "bits", "sampler", *results.get("metrics", {})]
+            row = [results.get(c) for c in cols[:4]] + list(results.get("metrics", {}).values())
+            flat["results"] = wandb.Table(columns=cols, data=[row])
+            self.run.log(flat)
+            self.run.summary.update(flat | {"status": results.get("status")})
+        except Exception as e:  # noqa: BLE001
+            self._fail("log_results", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._fail("finish", e)
+        finally:
+            self.run = None

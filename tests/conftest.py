@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests never touch the network: W&B runs offline in tmp folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real lowbit config with overrides; the run dir is a tmp folder."""
+    from lowbit.cli import compose_config
+
+    def _make(*overrides: str, output_dir=None):
+        base = [f"paths.cache_dir={tmp_path.parent / 'lowbit-cache'}"]
+        return compose_config([*base, *overrides], output_dir=output_dir or tmp_path / "run")
+
+    return _make
