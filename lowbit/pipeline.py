@@ -84,8 +84,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     sampler = SamplerConfig(**{k: cfg.sampler[k] for k in
                                ("kind", "steps", "eta", "guidance_scale", "batch_size")})
     t0 = time.perf_counter()
-    x0 = sample_many(GuidedDenoiser(student, loaded.null_class), loaded.noise_schedule, sampler,
-                     labels, loaded.sample_shape, seed=int(cfg.seed))
+    denoiser = GuidedDenoiser(student, loaded.null_class, loaded.conditioning == "class")
+    x0 = sample_many(denoiser, loaded.noise_schedule, sampler, labels, loaded.sample_shape,
+                     seed=int(cfg.seed))
     sample_s = time.perf_counter() - t0
 
     images = to_uint8(x0)

@@ -55,14 +55,17 @@ class GuidedDenoiser(nn.Module):
     sees both in every forward (as Q-Diffusion's calibration assumes).
     """
 
-    def __init__(self, model: nn.Module, null_class: int | None) -> None:
+    def __init__(self, model: nn.Module, null_class: int | None, conditional: bool = True) -> None:
         super().__init__()
         self.model = model
         self.null_class = null_class
+        self.conditional = conditional
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 guidance_scale: float = 1.0) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if not self.conditional:
+            return self.model(x, t).sample
         if labels is None or guidance_scale == 1.0 or self.null_class is None:
             return self.model(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.null_class)

@@ -36,7 +36,7 @@ def test_multirun_then_report(tmp_path, launcher):
     assert len(lines) == 4  # header, rule, two jobs
     assert "fid" in lines[0] and "cond_acc" in lines[0]
     assert "ddim20" in r.stdout and "plms20" in r.stdout
-    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    rows = list(csv.DictReader((sweep / "results.csv").open()))  # noqa: SIM115
     assert [row["sampler"] for row in rows] == ["ddim20", "plms20"]
     assert all(row["status"] == "done" and float(row["cond_acc"]) > 0.5 for row in rows)
 

@@ -4,6 +4,7 @@ atomically, logs to W&B offline, and survives W&B failures."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,13 +39,12 @@ def test_fp_metrics_match_shipped_reference(fp_run):
 def test_results_json_schema_and_artifacts(fp_run):
     cfg, res = fp_run
     out = cfg.paths.output_dir
-    on_disk = json.loads(open(f"{out}/results.json").read())
+    on_disk = json.loads(Path(out, "results.json").read_text())
     for key in ("model", "method", "bits", "dataset", "sampler", "metrics", "cost", "status",
                 "config", "version"):
         assert key in on_disk
     assert on_disk["config"]["sampler"]["steps"] == 20  # resolved config
     assert {"sample_s", "total_s", "peak_mem_mb", "size_mb"} <= set(on_disk["cost"])
-    from pathlib import Path
 
     assert len(list(Path(out, "samples").glob("*.png"))) == 200
     assert Path(out, "grid.png").is_file()
@@ -71,7 +71,7 @@ def test_wandb_failure_keeps_results(make_cfg, monkeypatch):
     monkeypatch.setattr(wandb, "init", Broken)
     cfg = make_cfg("metrics.num_samples=20", "sampler=ddim20", "sampler.steps=3")
     res = run_experiment(cfg)
-    saved = json.loads(open(f"{cfg.paths.output_dir}/results.json").read())
+    saved = json.loads(Path(cfg.paths.output_dir, "results.json").read_text())
     assert saved["status"] == "done" and saved["metrics"] == res["metrics"]
     assert "no space left" in saved["wandb_error"]
     assert tracking  # the tracker module reported instead of raising

@@ -23,16 +23,16 @@ def test_loop_matches_diffusers_ddim_pipeline():
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**SCHEDULE))
     ref = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=10,
                eta=0.0, output_type="np").images  # [B, H, W, C] in [0, 1]
-    ours = sample(GuidedDenoiser(unet, null_class=None), build_scheduler(SCHEDULE, "ddim", 10),
+    ours = sample(GuidedDenoiser(unet, null_class=None, conditional=False), build_scheduler(SCHEDULE, "ddim", 10),
                   labels=torch.zeros(3, dtype=torch.long), sample_shape=(1, 8, 8),
                   generator=torch.Generator().manual_seed(7))
     ours = ((ours / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
     assert abs(ours - ref).max() < 1e-5
 
 
-def test_labels_are_ignored_by_unconditional_model_only_if_null_class_none():
+def test_unconditional_model_gets_no_labels():
     unet = _tiny_unconditional()
-    den = GuidedDenoiser(unet, null_class=None)
+    den = GuidedDenoiser(unet, null_class=None, conditional=False)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor(500)
     with torch.no_grad():
         assert torch.equal(den(x, t, None, 3.0), unet(x, t.expand(2)).sample)

@@ -33,6 +33,7 @@ class TrajectorySet:
     labels: torch.Tensor
     guidance_scale: float
     null_class: int | None
+    conditional: bool = True
 
     def __len__(self) -> int:
         return self.xt.shape[0] * self.xt.shape[1]
@@ -42,6 +43,8 @@ class TrajectorySet:
         guidance) unconditional halves in one batch, exactly as sampling calls the model."""
         x, y = self.xt[s, idx], self.labels[idx]
         t = self.timesteps[s].expand(len(idx))
+        if not self.conditional:
+            return {"sample": x, "timestep": t}
         if self.null_class is not None and self.guidance_scale != 1.0:
             x, t = torch.cat([x, x]), torch.cat([t, t])
             y = torch.cat([y, torch.full_like(y, self.null_class)])
@@ -61,7 +64,10 @@ class TrajectorySet:
         """Calibration / held-out parts (by sample), for measuring methods on unseen inputs."""
         a, b = self.xt[:, :-n_holdout], self.xt[:, -n_holdout:]
         la, lb = self.labels[:-n_holdout], self.labels[-n_holdout:]
-        mk = lambda x, y: TrajectorySet(x, self.timesteps, y, self.guidance_scale, self.null_class)  # noqa: E731
+        def mk(x: torch.Tensor, y: torch.Tensor) -> TrajectorySet:
+            return TrajectorySet(x, self.timesteps, y, self.guidance_scale, self.null_class,
+                                 self.conditional)
+
         return mk(a, la), mk(b, lb)
 
 
@@ -92,6 +98,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def fp_trajectories(loaded: LoadedModel, sampler: SamplerConfig, n: int, calib_steps: int,
                     seed: int, cache_dir: Path | None) -> TrajectorySet:
     """Generate (or load from ``cache_dir``) FP trajectories of ``n`` samples, evenly over classes."""
+    conditional = loaded.conditioning == "class"
     key = _cache_key(f"{loaded.name}:{model_fingerprint(loaded.denoiser)}", sampler, n,
                      calib_steps, seed)
     path = Path(cache_dir) / "trajectories" / f"{loaded.name}-{key}.safetensors" if cache_dir else None
@@ -99,7 +106,7 @@ def fp_trajectories(loaded: LoadedModel, sampler: SamplerConfig, n: int, calib_s
         try:
             d = load_file(str(path))
             return TrajectorySet(d["xt"], d["timesteps"], d["labels"], sampler.guidance_scale,
-                                 loaded.null_class)
+                                 loaded.null_class, conditional)
         except Exception as e:  # noqa: BLE001 - a broken cache file is regenerated, not fatal
             log.warning("trajectory cache %s unreadable (%s); regenerating", path, e)
 
@@ -113,12 +120,13 @@ def fp_trajectories(loaded: LoadedModel, sampler: SamplerConfig, n: int, calib_s
             ts[i] = t.detach().cpu().reshape(())
 
     labels = torch.arange(n) % max(loaded.num_classes, 1)
-    sample_many(GuidedDenoiser(loaded.denoiser, loaded.null_class), loaded.noise_schedule, sampler,
-                labels, loaded.sample_shape, seed=seed, callback=grab, progress=False)
+    denoiser = GuidedDenoiser(loaded.denoiser, loaded.null_class, conditional)
+    sample_many(denoiser, loaded.noise_schedule, sampler, labels, loaded.sample_shape, seed=seed,
+                callback=grab, progress=False)
     order = sorted(keep)
     traj = TrajectorySet(torch.stack([torch.cat(xs[i]) for i in order]),
                          torch.stack([ts[i] for i in order]).long(), labels,
-                         sampler.guidance_scale, loaded.null_class)
+                         sampler.guidance_scale, loaded.null_class, conditional)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
