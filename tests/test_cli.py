@@ -25,7 +25,8 @@ def test_multirun_then_report(tmp_path, launcher):
     args = [str(BIN / "lowbit"), "-m", "sampler=ddim20,plms20", "sampler.steps=4",
             "metrics.num_samples=40", "logger=none", f"hydra.sweep.dir={sweep}"]
     if launcher == "joblib":
-        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+        # one thread per job: two jobs share the machine without OpenMP spin-waiting
+        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1"]
     p = _run(args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(x.name for x in sweep.iterdir() if x.is_dir()) == ["0", "1"]
