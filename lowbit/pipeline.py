@@ -79,6 +79,8 @@ def run_experiment(cfg: DictConfig) -> dict:
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
     method = build_method(cfg.method)
     student = method.prepare(teacher, ctx).to(device).eval()
+    if student is not teacher:
+        save_student(student, out)
 
     labels = class_labels(int(cfg.metrics.num_samples), loaded.num_classes)
     sampler = SamplerConfig(**{k: cfg.sampler[k] for k in
@@ -127,9 +129,29 @@ def run_experiment(cfg: DictConfig) -> dict:
     }
     write_json_atomic(results_path, results)
     log.info("results written to %s", results_path)
+    if cfg.get("export", False):
+        from lowbit.export import export_run
+
+        results["export"] = export_run(out)
+        write_json_atomic(results_path, results)
     _log_wandb(cfg, out, results, grid)
     print(_summary_table(results))
     return results
+
+
+STUDENT = "student.safetensors"
+
+
+def save_student(student: torch.nn.Module, out: Path) -> Path:
+    """The method's model (weights and quantizer state) as safetensors, for export and reuse."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    path = out / STUDENT
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
 
 
 def _build_metrics(cfg: DictConfig):
