@@ -50,6 +50,10 @@ def validate(cfg: DictConfig) -> None:
                           f"choose one of bits={','.join(supported)} for method={method}, "
                           f"or a method that supports bits={bits}")
 
+    if _get(cfg, "export", False) and (method == "fp" or bits == "fp"):
+        raise ConfigError("export", True, "a full-precision run has no quantized model to pack",
+                          "set export=false, or choose a quantized method and bits")
+
     ckpt = _get(cfg, "model.loader.checkpoint")
     if ckpt and not Path(str(ckpt)).exists():
         raise ConfigError("model.loader.checkpoint", ckpt, "no such file or folder",

@@ -74,6 +74,11 @@ def test_invalid_values_name_key_and_fix(make_cfg, override, key):
     assert key in str(e.value) and "Fix:" in str(e.value)
 
 
+def test_export_of_fp_run_fails_before_compute(make_cfg):
+    with pytest.raises(ConfigError, match="no quantized model to pack"):
+        validate(make_cfg("export=true"))
+
+
 def test_method_bits_mismatch_fails_before_compute(make_cfg):
     cfg = make_cfg()
     cfg.bits.name = "w4a4"  # method=fp only supports bits=fp
