@@ -92,10 +92,12 @@ def _nvrtc_compile(source: str, arch: str) -> tuple[bool, str]:
     ]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    # a mutable buffer: NVRTC writes into it, and a 1-byte ``bytes`` would be CPython's shared
+    # single-byte object (writing there corrupts every later b" " in the process)
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, log)
     nvrtc.nvrtcDestroyProgram(prog)
-    return res == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    return res == nvrtc.nvrtcResult.NVRTC_SUCCESS, bytes(log).rstrip(b"\0").decode(errors="replace")
 
 
 @pytest.mark.parametrize(
