@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 import lowbit
 from lowbit.config import ConfigError, check_writable, validate
 from lowbit.data.digits import reference_folder, save_png_folder, to_uint8
+from lowbit.memory import PeakMemory
 from lowbit.methods import MethodContext, build_method
 from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
@@ -30,12 +30,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device", name, "CUDA is not available on this machine",
                           "pass device=cpu (or device=auto)")
     return torch.device(name)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def class_labels(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -74,6 +68,12 @@ def run_experiment(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.seed))
     t_start = time.perf_counter()
 
+    with PeakMemory(device) as memory:
+        return _run(cfg, out, results_path, device, memory, t_start)
+
+
+def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
+         memory: PeakMemory, t_start: float) -> dict:
     loaded = instantiate(cfg.model.loader)
     teacher = loaded.denoiser.to(device).eval()
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
@@ -108,7 +108,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         "sample_s": sample_s,
         "metrics_s": metrics_s,
         "total_s": time.perf_counter() - t_start,
-        "peak_mem_mb": peak_memory_mb(device),
+        "peak_mem_mb": memory.read(),
         "size_mb": _param_mb(student),
         "params": sum(p.numel() for p in student.parameters()),
         **ctx.cost,

@@ -75,3 +75,19 @@ def test_wandb_failure_keeps_results(make_cfg, monkeypatch):
     assert saved["status"] == "done" and saved["metrics"] == res["metrics"]
     assert "no space left" in saved["wandb_error"]
     assert tracking  # the tracker module reported instead of raising
+
+
+def test_peak_memory_is_per_run_not_per_process():
+    """A big allocation before the run does not leak into the run's peak (Hydra's basic
+    launcher runs all jobs of a sweep in one process)."""
+    import torch
+
+    from lowbit.memory import PeakMemory, rss_mb
+
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del big
+    with PeakMemory(torch.device("cpu")) as pm:
+        small = torch.ones(16 * 2**20 // 4) + 1  # 16 MiB more during the run
+        assert small.sum() > 0
+    assert pm.read() >= rss_mb() - 1
+    assert pm.peak_mb < rss_mb() + 48  # the 64 MiB released before the run does not count
