@@ -10,7 +10,8 @@ from pathlib import Path
 
 # leading columns, in this order; metrics and costs follow
 ID_COLS = ["job", "model", "method", "bits", "dataset", "sampler", "status"]
-COST_COLS = ["size_mb", "calib_s", "finetune_s", "sample_s", "total_s", "peak_mem_mb",
+COST_COLS = ["size_mb", "size_x", "ops", "ops_x", "calib_s", "finetune_s", "train_s", "sample_s",
+             "total_s", "peak_mem_mb",
              "trainable_params"]
 
 

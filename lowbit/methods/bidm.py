@@ -1,0 +1,283 @@
+"""``method=bidm``: BiDM (Zheng et al., NeurIPS 2024) — fully binarized W1A1 diffusion models.
+
+**TBS** (Timestep-friendly Binary Structure), ``method.tbs``:
+
+- every 1-bit Conv/Linear becomes ``conv(sign(x + t_c), sign(W))·α ⊙ (k ∗ mean_c|x|) + s ⊙ P(x)``
+  (:class:`~lowbit.quant.binary.BinaryConv2d`): learnable per-input-channel threshold t_c with the
+  piecewise-quadratic STE, α = mean|W| per output channel, learnable k×k filter k (init 1/k²), and
+  a real-valued shortcut with learnable s (init 0.3; ``method.shortcut``: ``identity`` is the
+  parameter-free channel/stride map, ``conv`` a real 1×1 conv when the shapes differ);
+- cross-timestep feature connection (:class:`CrossTimestepBlock`): the outputs of the last
+  ``ctc_blocks`` up-path timestep blocks become ``(1−α)·current + α·previous``, α learnable per
+  block and timestep bucket (init 0.3), ``previous`` the block's output at the previous denoising
+  step (detached). The wrapper keeps it between denoiser calls — no sampler edits — and forgets it
+  when a call's timestep is not below the previous call's (a new trajectory starts at the highest
+  timestep) or the batch changes. Training produces it by a student pass at ``t + ctc_offset`` on
+  the same clean image and noise first (about 2× compute per step).
+
+**SPD** (Space Patched Distillation), ``method.spd``: FP and student timestep-block outputs are
+cut into p×p patches; per patch the Gram map ``A = P·Pᵀ`` over the p² positions is L2-normalised
+and the mean L2 distance between student and FP maps, over patches and blocks, weight λ = 1e-2,
+is added to the diffusion loss.
+
+``tbs=false`` leaves XNOR's binary layers (``sign(x)``, ``α·sign(W)``, no shortcut, no
+cross-timestep connection): the paper's ablation baseline. Not copied: the reference
+``BNNLinear`` that ignored its threshold in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.methods.base import Method, MethodContext
+from lowbit.methods.qat_data import (
+    QATBatch,
+    QATDiffusionModule,
+    QATExtension,
+    as_tensor,
+    build_binary_student,
+    fit,
+    record_training,
+    timestep_blocks,
+)
+from lowbit.quant.binary import BinarySpec
+
+CTC_HOOK_ATTR = "_lowbit_cross_timestep_hook"
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-timestep connection
+# ------------------------------------------------------------------------------------------------
+class CrossTimestepBlock(nn.Module):
+    """Wraps one timestep block: ``(1−α_t)·out + α_t·previous`` with α learnable per timestep
+    bucket (``alpha`` [buckets], clamped to [0, 1]); ``enable()``/``disable()`` switch it."""
+
+    def __init__(self, block: nn.Module, num_buckets: int = 10, alpha_init: float = 0.3,
+                 num_train_timesteps: int = 1000) -> None:
+        super().__init__()
+        self.block = block
+        self.alpha = nn.Parameter(torch.full((num_buckets,), float(alpha_init)))
+        self.num_train_timesteps = num_train_timesteps
+        self.enabled = True
+        self._prev: Tensor | None = None
+        self._t: Tensor | None = None
+        self._valid: Tensor | None = None
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def set_timestep(self, t: Tensor, valid: Tensor | None) -> None:
+        """This call's timesteps [B] and which samples continue the previous call's trajectory."""
+        self._t, self._valid = t, valid
+
+    def alpha_for(self, t: Tensor, like: Tensor) -> Tensor:
+        """α of each sample's timestep bucket, shaped to broadcast against ``like``."""
+        nb = self.alpha.numel()
+        idx = (t.float() * nb / self.num_train_timesteps).long().clamp(0, nb - 1)
+        a = self.alpha.clamp(0, 1)[idx.to(self.alpha.device)]
+        return a.reshape(-1, *[1] * (like.dim() - 1))
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        if not self.enabled:
+            return out
+        prev = self._prev
+        if prev is not None and prev.shape == out.shape and self._t is not None:
+            a = self.alpha_for(self._t, out)
+            if self._valid is not None:  # samples without a previous step keep their output
+                a = a * self._valid.to(a.dtype).reshape(a.shape)
+            out = (1 - a) * out + a * prev
+        self._prev = out.detach()  # what this block emitted: the next step's "previous"
+        return out
+
+
+class _CrossTimestepHook:
+    """Forward pre-hook on the top-level denoiser: hands each call's timesteps to the wrappers;
+    a sample continues the previous call's trajectory only if its timestep is below the previous
+    one (a new trajectory starts at the highest timestep); another batch size resets them."""
+
+    def __init__(self, blocks: list[CrossTimestepBlock]) -> None:
+        self.blocks = blocks
+        self.last_t: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        if t is None:
+            raise ValueError("the cross-timestep connection needs the `timestep` argument")
+        x = kwargs["sample"] if "sample" in kwargs else args[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        last, valid = self.last_t, None
+        if last is not None and last.shape == t.shape:
+            valid = t < last.to(t.device)
+        if valid is None or not bool(valid.any()):
+            for b in self.blocks:
+                b.reset()
+            valid = None
+        for b in self.blocks:
+            b.set_timestep(t, valid)
+        self.last_t = t.detach()
+
+    def reset(self) -> None:
+        self.last_t = None
+        for b in self.blocks:
+            b.reset()
+
+
+def attach_cross_timestep(unet: nn.Module, n_blocks: int, num_buckets: int = 10,
+                          alpha_init: float = 0.3, num_train_timesteps: int = 1000
+                          ) -> list[CrossTimestepBlock]:
+    """Wrap the last ``n_blocks`` up-path timestep blocks of ``unet`` in place and install the
+    timestep pre-hook; returns the wrappers (in forward order)."""
+    ups = [b for b in timestep_blocks(unet) if b.stage == "up"]
+    chosen = ups[len(ups) - min(n_blocks, len(ups)):] if n_blocks > 0 else []
+    wrappers = []
+    for b in chosen:
+        parent, _, child = b.output.rpartition(".")
+        holder = unet.get_submodule(parent)
+        w = CrossTimestepBlock(holder[int(child)], num_buckets, alpha_init, num_train_timesteps)
+        holder[int(child)] = w  # resnets / attentions are ModuleLists
+        wrappers.append(w)
+    if wrappers:
+        hook = _CrossTimestepHook(wrappers)
+        handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+        object.__setattr__(unet, CTC_HOOK_ATTR, (hook, handle))
+    return wrappers
+
+
+def reset_cross_timestep(unet: nn.Module) -> None:
+    """Forget the carried features (the next call starts a trajectory)."""
+    entry = getattr(unet, CTC_HOOK_ATTR, None)
+    if entry is not None:
+        entry[0].reset()
+
+
+def cross_timestep_blocks(unet: nn.Module) -> list[CrossTimestepBlock]:
+    return [m for m in unet.modules() if isinstance(m, CrossTimestepBlock)]
+
+
+class CrossTimestepExtension(QATExtension):
+    """Training side of the connection: a no-grad student pass at ``t + offset`` (same x₀ and
+    noise) leaves each wrapper its "previous" features before the real pass at t (samples at
+    t = T−1 have no earlier step and keep their own output)."""
+
+    name = "ctc"
+
+    def __init__(self, student: nn.Module, offset: int) -> None:
+        super().__init__()
+        self._student = [student]  # not a submodule: the student is registered elsewhere
+        self.offset = offset
+
+    def before_student(self, module: QATDiffusionModule, b: QATBatch) -> None:
+        student = self._student[0]
+        reset_cross_timestep(student)
+        t_prev = (b.t + self.offset).clamp(max=module.num_train_timesteps - 1)
+        with torch.no_grad():
+            module.run(student, module.add_noise(b.x0, b.noise, t_prev), t_prev, b.y)
+
+
+# ------------------------------------------------------------------------------------------------
+# SPD
+# ------------------------------------------------------------------------------------------------
+def patch_gram(f: Tensor, p: int) -> Tensor:
+    """L2-normalised Gram maps of p×p patches: [B, C, H, W] → [B, n_patches, p²·p²]
+    (maps smaller than p use the whole map as one patch)."""
+    b, c, h, w = f.shape
+    ph, pw = min(p, h), min(p, w)
+    patches = F.unfold(f, kernel_size=(ph, pw), stride=(ph, pw))  # [B, C·ph·pw, L]
+    n = patches.shape[-1]
+    patches = patches.reshape(b, c, ph * pw, n).permute(0, 3, 2, 1)  # [B, L, p², C]
+    gram = patches @ patches.transpose(-1, -2)  # A = P·Pᵀ, [B, L, p², p²]
+    return F.normalize(gram.reshape(b, n, -1), dim=-1)
+
+
+def spd_loss(student: Tensor, teacher: Tensor, p: int) -> Tensor:
+    """Mean L2 distance between the normalised patch Gram maps of student and FP features."""
+    return (patch_gram(student, p) - patch_gram(teacher, p)).norm(dim=-1).mean()
+
+
+class SPDExtension(QATExtension):
+    name = "spd"
+    needs_teacher = True
+
+    def __init__(self, block_names: list[str], weight: float, patch_size: int) -> None:
+        super().__init__()
+        self.feature_names = tuple(block_names)
+        self.weight, self.patch_size = weight, patch_size
+
+    def loss(self, student_feats, teacher_feats) -> Tensor | None:
+        terms = [spd_loss(as_tensor(student_feats[n]), as_tensor(teacher_feats[n]),
+                          self.patch_size) for n in self.feature_names]
+        return self.weight * torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+# ------------------------------------------------------------------------------------------------
+class BiDM(Method):
+    name = "bidm"
+    default_ctc_blocks = 4  # conf/method/bidm.yaml; other values show in the label
+    default_patch_size = 4
+
+    @property
+    def label(self) -> str:
+        c, parts = self.cfg, []
+        if not c.get("tbs", True):
+            parts.append("no-tbs")
+        elif int(c.get("ctc_blocks", self.default_ctc_blocks)) != self.default_ctc_blocks:
+            parts.append(f"ctc_blocks={int(c.ctc_blocks)}")
+        if not c.get("spd", True):
+            parts.append("no-spd")
+        elif int(c.get("patch_size", self.default_patch_size)) != self.default_patch_size:
+            parts.append(f"patch={int(c.patch_size)}")
+        return self.name if not parts else f"{self.name}({','.join(parts)})"
+
+    def binary_spec(self) -> BinarySpec:
+        if not self.cfg.tbs:
+            return BinarySpec(weight="xnor", act="sign")
+        return BinarySpec(weight="xnor", act="rsign", scaling=True, shortcut=str(self.cfg.shortcut),
+                          shortcut_init=float(self.cfg.shortcut_init))
+
+    def ctc_offset(self, ctx: MethodContext, num_train_timesteps: int) -> int:
+        """Training's t → previous-step gap: ``method.ctc_offset``, or by default the gap of the
+        evaluation sampler (T / steps), the gap the carried features have when sampling."""
+        off = self.cfg.get("ctc_offset")
+        if off is not None:
+            return int(off)
+        return max(1, num_train_timesteps // int(ctx.cfg.sampler.steps))
+
+    def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
+        c = self.cfg
+        blocks = timestep_blocks(teacher)
+        student = build_binary_student(teacher, ctx, self.binary_spec(),
+                                       calib_batches=int(c.calib_batches))
+        module_T = int(ctx.loaded.noise_schedule.get("num_train_timesteps", 1000))
+        extensions: list[QATExtension] = []
+        if c.tbs and int(c.ctc_blocks) > 0:
+            attach_cross_timestep(student, int(c.ctc_blocks), int(c.ctc_buckets),
+                                  float(c.ctc_alpha), module_T)
+            extensions.append(CrossTimestepExtension(student, self.ctc_offset(ctx, module_T)))
+        if c.spd:
+            extensions.append(SPDExtension([b.output for b in blocks], float(c.spd_weight),
+                                           int(c.patch_size)))
+        module = QATDiffusionModule(
+            student, teacher, ctx.loaded.noise_schedule, ctx.loaded.null_class, extensions,
+            lr=float(c.lr), scale_lr=float(c.scale_lr), max_steps=int(c.steps),
+            p_uncond=float(c.p_uncond),
+            kd_weight=float(c.kd_weight))
+        info = fit(module, ctx, int(c.steps), int(c.batch_size), int(c.checkpoint_every))
+        reset_cross_timestep(student)
+        ctx.report["cross_timestep_blocks"] = len(cross_timestep_blocks(student))
+        record_training(ctx, info, student, teacher)
+        reset_cross_timestep(student)
+        return student.eval()

@@ -1,0 +1,178 @@
+"""method=bidm on the digits model: cross-timestep connection, SPD, TBS layers, training effect."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowbit.cli import compose_config
+from lowbit.methods.base import MethodContext
+from lowbit.methods.bidm import (
+    BiDM,
+    CrossTimestepExtension,
+    SPDExtension,
+    attach_cross_timestep,
+    cross_timestep_blocks,
+    patch_gram,
+    reset_cross_timestep,
+    spd_loss,
+)
+from lowbit.methods.qat_data import QATDiffusionModule, build_binary_student, timestep_blocks
+from lowbit.models.digits import load_digits_model
+from lowbit.quant.binary import ActBinarizer, BinaryConv2d
+from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("bidm")
+    cfg = compose_config(["method=bidm", "bits=w1a1", f"paths.cache_dir={tmp / 'cache'}"],
+                         output_dir=tmp / "run")
+    loaded = load_digits_model()
+    ctx = MethodContext(cfg=cfg, output_dir=tmp / "run", cache_dir=tmp / "cache", loaded=loaded)
+    method = BiDM(cfg.method)
+    student = build_binary_student(loaded.denoiser, ctx, method.binary_spec(), calib_batches=1)
+    return loaded, method, student
+
+
+def _inputs(n: int, t: int) -> dict:
+    g = torch.Generator().manual_seed(t)
+    return {"sample": torch.randn(n, 1, 16, 16, generator=g), "timestep": torch.full((n,), t),
+            "class_labels": torch.arange(n) % 10}
+
+
+def test_tbs_layers_have_thresholds_scaling_and_shortcut(setup):
+    _, method, student = setup
+    conv = student.get_submodule("down_blocks.1.resnets.0.conv1")
+    assert isinstance(conv, BinaryConv2d)
+    assert isinstance(conv.input_quantizer, ActBinarizer) and conv.input_quantizer.threshold is not None
+    assert conv.scale_filter.shape == (1, 1, 3, 3)
+    torch.testing.assert_close(conv.scale_filter.detach(), torch.full((1, 1, 3, 3), 1 / 9))
+    torch.testing.assert_close(conv.shortcut_scale.detach(), torch.full((64,), 0.3))
+    xnor = BiDM(compose_config(["method=bidm", "method.tbs=false"]).method).binary_spec()
+    assert (xnor.act, xnor.scaling, xnor.shortcut) == ("sign", False, "none")
+
+
+def test_cross_timestep_changes_outputs_only_where_enabled(setup):
+    loaded, _, student = setup
+    s = copy.deepcopy(student)
+    wrappers = attach_cross_timestep(s, 2)
+    assert [w for w in cross_timestep_blocks(s)] == wrappers
+    ups = [b.output for b in timestep_blocks(loaded.denoiser) if b.stage == "up"]
+    watched = [ups[0], ups[-3], ups[-2], ups[-1]]  # two unwrapped, two wrapped blocks
+    feats: dict[str, list] = {n: [] for n in watched}
+    for n in watched:
+        s.get_submodule(n).register_forward_hook(
+            lambda _m, _a, out, n=n: feats[n].append(out.detach().clone()))
+
+    def run() -> torch.Tensor:
+        reset_cross_timestep(s)
+        with torch.no_grad():
+            s(**_inputs(4, 900))
+            return s(**_inputs(4, 850)).sample
+
+    on = run()
+    for w in wrappers:
+        w.disable()
+    off = run()
+    for w in wrappers:
+        w.enable()
+    for n in watched:
+        # features of the first call (no previous step) never change
+        torch.testing.assert_close(feats[n][0], feats[n][2])
+    torch.testing.assert_close(feats[ups[0]][1], feats[ups[0]][3])  # unwrapped, upstream
+    torch.testing.assert_close(feats[ups[-3]][1], feats[ups[-3]][3])
+    for n in ups[-2:]:  # wrapped blocks blend in the previous step's output
+        assert not torch.allclose(feats[n][1], feats[n][3])
+        prev, cur_off, cur_on = feats[n][0], feats[n][3], feats[n][1]
+        if n == ups[-2]:  # its input is unchanged, so the blend is exact: 0.7·cur + 0.3·prev
+            torch.testing.assert_close(cur_on, 0.7 * cur_off + 0.3 * prev)
+    assert not torch.allclose(on, off)
+
+
+def test_a_new_trajectory_resets_the_carried_features(setup):
+    _, _, student = setup
+    s = copy.deepcopy(student)
+    attach_cross_timestep(s, 2)
+    with torch.no_grad():
+        first = s(**_inputs(4, 900)).sample
+        s(**_inputs(4, 850))
+        again = s(**_inputs(4, 900)).sample  # t not below the last call's: a new trajectory
+    torch.testing.assert_close(first, again)
+
+
+def test_sampling_with_cross_timestep_under_ddim_at_another_step_count(setup):
+    loaded, _, student = setup
+    s = copy.deepcopy(student)
+    wrappers = attach_cross_timestep(s, 4)
+    blends = []
+    orig = wrappers[-1].alpha_for
+    wrappers[-1].alpha_for = lambda t, like: (blends.append(int(t[0])), orig(t, like))[1]
+    den = GuidedDenoiser(s, loaded.null_class)
+    cfg = SamplerConfig(kind="ddim", steps=7, guidance_scale=2.0, batch_size=10)
+    labels = torch.arange(10)
+    a = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    n_first = len(blends)
+    b = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    assert torch.isfinite(a).all()
+    # 7 DDIM steps: every step but the first blends in the previous one, in both runs
+    assert n_first == 6 and len(blends) == 12
+    torch.testing.assert_close(a, b)  # state reset at the highest timestep: reproducible
+    for w in wrappers:
+        w.disable()
+    c = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    assert not torch.allclose(a, c)
+
+
+def test_spd_maps_are_normalised_patch_grams():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 8, 8)
+    g = patch_gram(f, 4)
+    assert g.shape == (2, 4, 16 * 16)  # four 4×4 patches, 16×16 Gram maps
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(2, 4))
+    assert float(spd_loss(f, f, 4)) == 0.0
+    assert float(spd_loss(3 * f, f, 4)) < 1e-6  # scale-free (normalised)
+    assert float(spd_loss(torch.randn_like(f), f, 4)) > 0.1
+    assert patch_gram(torch.randn(1, 4, 2, 2), 4).shape == (1, 1, 16)  # map smaller than p
+
+
+def test_training_steps_reduce_bidm_loss(setup):
+    loaded, _, student = setup
+    from lowbit.data.digits import load_digits_tensors
+
+    s = copy.deepcopy(student)
+    attach_cross_timestep(s, 4)
+    names = [b.output for b in timestep_blocks(loaded.denoiser)]
+    exts = [CrossTimestepExtension(s, 50), SPDExtension(names, 1e-2, 4)]
+    module = QATDiffusionModule(s, loaded.denoiser, loaded.noise_schedule, 10, exts, lr=1e-3,
+                                max_steps=100)
+    x, y = load_digits_tensors()
+    torch.manual_seed(2)
+    batch = module.make_batch(x[:16], y[:16])
+    with torch.no_grad():
+        before = {k: float(v) for k, v in module.losses(batch).items()}
+    assert set(before) == {"task", "spd", "total"}
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-3)
+    alpha0 = cross_timestep_blocks(s)[0].alpha.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        module.losses(batch)["total"].backward()
+        opt.step()
+    with torch.no_grad():
+        after = {k: float(v) for k, v in module.losses(batch).items()}
+    assert after["total"] < 0.8 * before["total"], (before, after)
+    assert after["spd"] < before["spd"]
+    assert not torch.equal(cross_timestep_blocks(s)[0].alpha.detach(), alpha0)  # α is trained
+    module.student_tap.remove()
+    module.teacher_tap.remove()
+
+
+def test_labels_name_the_ablations():
+    def label(*ov):
+        return BiDM(compose_config(["method=bidm", *ov]).method).label
+    assert label() == "bidm"
+    assert label("method.tbs=false") == "bidm(no-tbs)"
+    assert label("method.spd=false", "method.ctc_blocks=2") == "bidm(ctc_blocks=2,no-spd)"
