@@ -83,8 +83,7 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
         save_student(student, out)
 
     labels = class_labels(int(cfg.metrics.num_samples), loaded.num_classes)
-    sampler = SamplerConfig(**{k: cfg.sampler[k] for k in
-                               ("kind", "steps", "eta", "guidance_scale", "batch_size")})
+    sampler = SamplerConfig.from_cfg(cfg.sampler)
     t0 = time.perf_counter()
     denoiser = GuidedDenoiser(student, loaded.null_class, loaded.conditioning == "class")
     x0 = sample_many(denoiser, loaded.noise_schedule, sampler, labels, loaded.sample_shape,

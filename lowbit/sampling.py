@@ -37,6 +37,12 @@ class SamplerConfig:
     guidance_scale: float = 1.0
     batch_size: int = 250
 
+    @classmethod
+    def from_cfg(cls, sampler_cfg) -> SamplerConfig:
+        """From the ``sampler`` config group (its ``name`` is only a label)."""
+        return cls(**{k: sampler_cfg[k] for k in ("kind", "steps", "eta", "guidance_scale",
+                                                   "batch_size")})
+
 
 def build_scheduler(noise_schedule: dict, kind: str, steps: int):
     """A diffusers scheduler for the model's own noise schedule, set to ``steps`` steps."""

@@ -23,6 +23,7 @@ from lowbit.methods.efficientdm import (
     merge_lora_,
 )
 from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
+from lowbit.metrics.fidelity import eps_mse
 from lowbit.models.digits import load_digits_model
 from lowbit.quant import QuantConv2d, TimestepActQuantizer, quant_disabled
 from lowbit.sampling import build_scheduler
@@ -63,14 +64,6 @@ def ptq_student(tmp_path_factory):
     student, _ = quantized_student(loaded.denoiser, qcfg, traj, 16)
     return cfg, loaded, traj, student
 
-
-def _eps_mse(student, teacher, traj) -> float:
-    err, n = 0.0, 0
-    with torch.no_grad():
-        for batch in traj.batches(16):
-            err += torch.sum((student(**batch).sample - teacher(**batch).sample) ** 2).item()
-            n += batch["sample"].numel()
-    return err / n
 
 
 def test_qalora_merge_is_exact(ptq_student):
@@ -187,7 +180,7 @@ def test_finetune_beats_its_ptq_start_on_held_out_trajectories(make_cfg, method)
                            cache_dir=ctx.cache_dir)
     torch.manual_seed(0)
     student = build_method(cfg.method).prepare(teacher, ctx)
-    e_ptq, e_ft = _eps_mse(ptq, teacher, held), _eps_mse(student, teacher, held)
+    e_ptq, e_ft = eps_mse(ptq, teacher, held, batch_size=16), eps_mse(student, teacher, held, batch_size=16)
     print(f"{method}: held-out eps MSE PTQ {e_ptq:.5f} -> {e_ft:.5f}")
     assert e_ft < 0.95 * e_ptq, (e_ptq, e_ft)
     assert not select_params(student, "lora")  # merged

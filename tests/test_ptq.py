@@ -9,6 +9,7 @@ import torch
 
 from lowbit.cli import compose_config
 from lowbit.data.trajectories import fp_trajectories, kept_step_indices
+from lowbit.metrics.fidelity import eps_mse
 from lowbit.models.digits import load_digits_model
 from lowbit.pipeline import run_experiment
 from lowbit.quant import QuantConfig, calibrate_, quantize_
@@ -45,14 +46,6 @@ def test_trajectories_are_cached_and_carry_cond_and_uncond(trajectories, tmp_pat
     assert torch.equal(a.xt, b.xt) and a.xt.shape[:2] == (2, 8)
 
 
-def _eps_mse(student, teacher, traj) -> float:
-    err, n = 0.0, 0
-    with torch.no_grad():
-        for batch in traj.batches(32):
-            err += torch.sum((student(**batch).sample - teacher(**batch).sample) ** 2).item()
-            n += batch["sample"].numel()
-    return err / n
-
 
 def test_naive_ptq_ordering_w8a8_w4a8_w4a4(trajectories):
     """The papers' shape on held-out FP trajectories: W8A8 ≈ FP, W4A8 worse, W4A4 far worse."""
@@ -64,7 +57,7 @@ def test_naive_ptq_ordering_w8a8_w4a8_w4a4(trajectories):
         student = copy.deepcopy(teacher)
         quantize_(student, QuantConfig.from_dict(dict(cfg.bits)))
         calibrate_(student, calib.batches(32))
-        errs[bits] = _eps_mse(student, teacher, held)
+        errs[bits] = eps_mse(student, teacher, held, batch_size=32)
     # ε has unit variance: W8A8 keeps > 10 dB SQNR at the output of ~60 quantized activations
     assert errs["w8a8"] < 0.1, errs
     assert errs["w8a8"] < errs["w4a8"] < errs["w4a4"], errs

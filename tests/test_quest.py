@@ -15,6 +15,7 @@ from lowbit.methods import MethodContext, build_method
 from lowbit.methods.distill import quantized_student, select_params
 from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
 from lowbit.methods.quest import QuEST, family_layers
+from lowbit.metrics.fidelity import eps_mse
 from lowbit.models.digits import load_digits_model
 
 # digits budget: tens of steps instead of the paper's thousands, so the learning rates are
@@ -40,14 +41,6 @@ def _ctx(make_cfg, *overrides):
                         cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
     return cfg, ctx, loaded
 
-
-def _eps_mse(student, teacher, traj) -> float:
-    err, n = 0.0, 0
-    with torch.no_grad():
-        for batch in traj.batches(16):
-            err += torch.sum((student(**batch).sample - teacher(**batch).sample) ** 2).item()
-            n += batch["sample"].numel()
-    return err / n
 
 
 def test_family_layer_lists():
@@ -104,7 +97,7 @@ def test_quest_beats_its_ptq_start_on_held_out_trajectories(make_cfg):
                            cache_dir=ctx.cache_dir)  # other noise, other samples
     torch.manual_seed(0)
     student = build_method(cfg.method).prepare(teacher, ctx)
-    e_ptq, e_quest = _eps_mse(ptq, teacher, held), _eps_mse(student, teacher, held)
+    e_ptq, e_quest = eps_mse(ptq, teacher, held, batch_size=16), eps_mse(student, teacher, held, batch_size=16)
     print(f"held-out eps MSE: PTQ {e_ptq:.5f}  QuEST {e_quest:.5f}")
     assert e_quest < 0.95 * e_ptq, (e_ptq, e_quest)
     assert ctx.cost["finetune_s"] > 0

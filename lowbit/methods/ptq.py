@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def sampler_config(cfg) -> SamplerConfig:
-    return SamplerConfig(**{k: cfg.sampler[k] for k in
-                            ("kind", "steps", "eta", "guidance_scale", "batch_size")})
+    return SamplerConfig.from_cfg(cfg.sampler)
 
 
 def quant_config(cfg) -> QuantConfig:
