@@ -32,7 +32,7 @@ class _BucketStats:
     keys: Tensor | None = None  # [m] reservoir keys (log-space, larger is kept)
     calls: int = 0
 
-    def update(self, rows: Tensor, max_cols: int | None) -> None:
+    def update(self, rows: Tensor, max_cols: int | None, generator: torch.Generator) -> None:
         mn, mx = rows.amin(dim=1), rows.amax(dim=1)
         self.xmin = mn if self.xmin is None else torch.minimum(self.xmin, mn)
         self.xmax = mx if self.xmax is None else torch.maximum(self.xmax, mx)
@@ -41,10 +41,12 @@ class _BucketStats:
             return
         m = rows.shape[1]
         k = min(m, max_cols)
-        idx = torch.randperm(m, device=rows.device)[:k] if m <= 8 * max_cols else \
-            torch.randint(m, (k,), device=rows.device)
+        # drawn from the calibration's own generator: the result never depends on global RNG state
+        idx = torch.randperm(m, generator=generator)[:k] if m <= 8 * max_cols else \
+            torch.randint(m, (k,), generator=generator)
+        idx = idx.to(rows.device)
         # A-Res: each of the k candidates stands for m/k elements; key = log(u) / weight
-        keys = torch.rand(k, device=rows.device).log() / (m / k)
+        keys = (torch.rand(k, generator=generator).log() / (m / k)).to(rows.device)
         cols = rows[:, idx]
         if self.samples is not None:
             cols = torch.cat([self.samples, cols], dim=1)
@@ -58,7 +60,9 @@ class _BucketStats:
 class ActObserver:
     """Statistics of one activation quantizer, keyed by timestep bucket (``None`` = one bucket)."""
 
-    def __init__(self, quantizer: UniformQuantizer, max_samples: int) -> None:
+    def __init__(self, quantizer: UniformQuantizer, max_samples: int,
+                 generator: torch.Generator) -> None:
+        self.generator = generator
         self.buckets: dict[float | None, _BucketStats] = {}
         needs_samples = quantizer.spec.init != "minmax"
         g = max(1, quantizer.num_scales // max(1, getattr(quantizer, "num_buckets", 1)))
@@ -74,7 +78,8 @@ class ActObserver:
                     f"pass `timestep` in each calibration batch.")
             key = float(t)
         rows = quantizer.rows(x.detach().float())
-        self.buckets.setdefault(key, _BucketStats()).update(rows, self.max_cols)
+        self.buckets.setdefault(key, _BucketStats()).update(rows, self.max_cols,
+                                                             self.generator)
 
     @torch.no_grad()
     def finalize(self, quantizer: UniformQuantizer) -> bool:
@@ -124,8 +129,8 @@ def _to_device(batch: Mapping[str, Any], device: torch.device | str | None) -> d
 @torch.no_grad()
 def calibrate_(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, max_samples: int = 4096,
                quantized_weights: bool = True, reinit_weights: bool = False,
-               device: torch.device | str | None = None, progress: bool = False
-               ) -> CalibrationResult:
+               device: torch.device | str | None = None, progress: bool = False,
+               seed: int = 0) -> CalibrationResult:
     """Initialise every static activation quantizer of a :func:`quantize_`-d model.
 
     ``batches``: dicts of forward kwargs, e.g. ``{"sample": x_t, "timestep": t, "class_labels":
@@ -133,7 +138,8 @@ def calibrate_(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, max_sa
     and timestep bucket for the MSE/percentile inits. ``quantized_weights=False`` observes the
     fully FP model. Weight quantizers keep the Δ set by ``quantize_`` (or a checkpoint; those never
     initialised are initialised now); ``reinit_weights`` re-derives every weight Δ from the current
-    weights — not after AdaRound, whose weights already sit on the grid.
+    weights — not after AdaRound, whose weights already sit on the grid. ``seed`` fixes the
+    random subsample kept for those inits, so a calibration is reproducible.
     """
     for m in model.modules():  # weights: from quantize_, or now if asked / never initialised
         if isinstance(m, QuantModuleMixin) and (
@@ -141,7 +147,8 @@ def calibrate_(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, max_sa
             m.init_weight_quantizers()
     static = [q for q in act_quantizers(model) if not (q.passthrough or q.dynamic)]
     result = CalibrationResult(dynamic=sum(q.dynamic for q in act_quantizers(model)))
-    observers = {id(q): ActObserver(q, max_samples) for q in static}
+    generator = torch.Generator().manual_seed(seed)  # the MSE/percentile samples' reservoir
+    observers = {id(q): ActObserver(q, max_samples, generator) for q in static}
     for q in static:
         q.observer = observers[id(q)]
     seen_t: set[float] = set()
