@@ -5,12 +5,17 @@ Oracle for the integer path: the fake-quant layer's *own* outputs. ``x̂ = (x_q 
 their float64 matmul (exact below 2^53) is the accumulator the packed layer must reproduce
 exactly. Weight-only layers must reproduce the fake-quant layer's output bit for bit.
 
-Whole-model tolerance: the packed integer path rounds once per output instead of once per product,
-so an activation lying within float32 rounding of a quantization boundary can land on the other
-code in the next layer. That is the same spread the fake-quant model shows against *itself* when
-only the float summation order changes (batch 1 vs batch 8); the tests assert the packed model
-stays within a small multiple of that spread, and below fixed bounds on ε (unit variance):
-max |Δε| ≤ 0.1, mean |Δε| ≤ 0.01.
+Per-layer tolerance, derived rather than tuned: the packed layer rounds once per output
+(int accumulator → float32, × Δ_x, × Δ_w, + bias), the fake-quant layer once per dequantized
+operand and once per addition of its K-term float32 sum. With u = 2⁻²⁴ and S = Σ_k |ŵ_k|·|x̂_k|,
+both stay within γ_{K+2}·S (+ u·|b| for the bias) of the exact real sum, so
+|packed − fake-quant| ≤ γ_{K+6}·(S + |b|), γ_n = n·u / (1 − n·u), whatever the summation order a
+BLAS picks on any CPU.
+
+Whole model: rounding once per output instead of once per product lets an activation that lies
+within float32 rounding of a quantization boundary land on the other code in the next layer, so
+the whole-model difference has no worst-case bound; it is held to absolute acceptance bounds on ε
+(unit variance): max |Δε| ≤ 0.1, mean |Δε| ≤ 0.01.
 """
 
 from __future__ import annotations
@@ -130,6 +135,35 @@ def _oracle_accumulators(layer: QuantModuleMixin, x: torch.Tensor) -> list[torch
     return out
 
 
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def _gamma(n: int) -> float:
+    return n * U32 / (1 - n * U32)
+
+
+def _rounding_bound(layer: QuantModuleMixin, x: torch.Tensor) -> torch.Tensor:
+    """γ_{K+6}·(Σ_k |ŵ_k|·|x̂_k| + |b|) per output, in the layer's output layout (module doc)."""
+    ch = layer.channel_axis % x.dim()
+    xs = [x] if not layer.split else [x.narrow(ch, 0, layer.split),
+                                      x.narrow(ch, layer.split, x.shape[ch] - layer.split)]
+    total, k = None, 0
+    for wq, w, aq, xp in zip(layer.weight_quantizers(), layer.weight_parts(),
+                             layer.act_quantizers(), xs, strict=True):
+        w_abs, x_abs = wq(w).double().abs(), aq(xp).double().abs()
+        k += w[0].numel()
+        if isinstance(layer, nn.Conv2d):
+            s = F.conv2d(x_abs, w_abs, None, layer.stride, layer.padding, layer.dilation,
+                         layer.groups)
+        else:
+            s = x_abs @ w_abs.T
+        total = s if total is None else total + s
+    if layer.bias is not None:
+        b = layer.bias.detach().double().abs()
+        total = total + (b.reshape(-1, 1, 1) if isinstance(layer, nn.Conv2d) else b)
+    return (_gamma(k + 6) * total).float()
+
+
 def _layer_inputs(model: nn.Module, t: int) -> dict[str, torch.Tensor]:
     """Input of every quantized layer in one forward of the fake-quant model at timestep t."""
     seen: dict[str, torch.Tensor] = {}
@@ -174,9 +208,9 @@ def test_packed_layers_reproduce_fake_quant_arithmetic(exported, case):
             for acc, ref in zip(p_layer.int_accumulators(x), _oracle_accumulators(f_layer, x),
                                 strict=True):
                 assert torch.equal(acc, ref), name
-            # one rounding per output instead of one per product
-            err = (got - want).abs().max() / want.abs().max().clamp_min(1e-12)
-            assert err < 1e-5, (name, float(err))
+            bound = _rounding_bound(f_layer, x)
+            excess = ((got - want).abs() - bound).max()
+            assert excess <= 0, (name, float(excess))
             checked += 1
         assert checked == summary["layers"]["int"]
 
@@ -194,12 +228,8 @@ def test_packed_model_output_matches_fake_quant(exported, case):
         if case == "w4a4":  # weight-only everywhere: bit-exact
             assert torch.equal(got, want)
             continue
-        one_by_one = torch.cat([_eps(fq, {k: v[i:i + 1] for k, v in batch.items()})
-                                for i in range(8)])
-        floor = (one_by_one - want).abs()  # the fake-quant model against itself
         diff = (got - want).abs()
         assert diff.max() <= 0.1 and diff.mean() <= 0.01, (float(diff.max()), float(diff.mean()))
-        assert diff.mean() <= 3 * floor.mean() + 1e-4, (float(diff.mean()), float(floor.mean()))
 
 
 def test_export_files_sizes_and_manifest(exported):
