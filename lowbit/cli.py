@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("lowbit")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], float | None]:

@@ -89,9 +89,9 @@ _IN_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"
 
 
 def kernel_dir() -> Path:
-    """Folder of the ``.cu`` sources: ``$LOWBIT_KERNEL_DIR`` or ``kernels/`` beside the package."""
+    """Folder of the ``.cu`` sources: ``$LOWBIT_KERNEL_DIR`` or ``lowbit/kernels`` (package data)."""
     env = os.environ.get("LOWBIT_KERNEL_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "kernels"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "kernels"
 
 
 def kernel_source(filename: str, defines: tuple[str, ...] = ()) -> str:
