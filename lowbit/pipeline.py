@@ -15,7 +15,9 @@ from lowbit.config import ConfigError, check_writable, validate
 from lowbit.data.digits import reference_folder, save_png_folder, to_uint8
 from lowbit.memory import PeakMemory
 from lowbit.methods import MethodContext, build_method
-from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
+from lowbit.metrics.cost import model_costs
+from lowbit.models.adapter import Denoiser
+from lowbit.sampling import SamplerConfig, sample_many
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -30,15 +32,6 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device", name, "CUDA is not available on this machine",
                           "pass device=cpu (or device=auto)")
     return torch.device(name)
-
-
-def class_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """Evenly spread class labels 0, 1, …, 9, 0, 1, … so every class is measured."""
-    return torch.arange(num_samples) % max(num_classes, 1)
-
-
-def _param_mb(model: torch.nn.Module) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def _summary_table(results: dict) -> str:
@@ -72,45 +65,64 @@ def run_experiment(cfg: DictConfig) -> dict:
         return _run(cfg, out, results_path, device, memory, t_start)
 
 
+def build_dataset(cfg: DictConfig):
+    """The ``dataset`` group instantiated (``_target_`` + every key), or None without a target."""
+    if OmegaConf.select(cfg, "dataset._target_") is None:
+        return None
+    return instantiate(cfg.dataset, _convert_="all")
+
+
+@torch.no_grad()
+def decode_images(model: Denoiser, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """uint8 images ``[N, C, H, W]`` of samples ``x`` (latents decoded by the model's VAE)."""
+    if not model.latent:
+        return to_uint8(x)
+    return torch.cat([to_uint8(model.decode(x[i : i + batch_size]).cpu())
+                      for i in range(0, len(x), batch_size)])
+
+
 def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
          memory: PeakMemory, t_start: float) -> dict:
-    loaded = instantiate(cfg.model.loader)
-    teacher = loaded.denoiser.to(device).eval()
-    ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
+    model: Denoiser = instantiate(cfg.model.loader)
+    model.to(device)
+    teacher = model.net.eval()
+    dataset = build_dataset(cfg)
+    ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
+                        model=model, dataset=dataset)
     method = build_method(cfg.method)
     student = method.prepare(teacher, ctx).to(device).eval()
     if student is not teacher:
         save_student(student, out)
 
-    labels = class_labels(int(cfg.metrics.num_samples), loaded.num_classes)
+    n = int(cfg.metrics.num_samples)
+    conditions = dataset.conditions(n) if dataset is not None else None
+    cond = model.make_cond(conditions, n)
     sampler = SamplerConfig.from_cfg(cfg.sampler)
     t0 = time.perf_counter()
-    denoiser = GuidedDenoiser(student, loaded.null_class, loaded.conditioning == "class")
-    x0 = sample_many(denoiser, loaded.noise_schedule, sampler, labels, loaded.sample_shape,
-                     seed=int(cfg.seed))
+    x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
     sample_s = time.perf_counter() - t0
+    images = decode_images(model, x0, sampler.batch_size)
+    labels = cond if model.conditioning == "class" else None
 
-    images = to_uint8(x0)
     sample_dir = out / "samples"
     save_png_folder(images, sample_dir, labels)
-    grid = image_grid_uint8(images[: int(cfg.metrics.grid_size)], nrow=loaded.num_classes or 10)
+    grid = image_grid_uint8(images[: int(cfg.metrics.grid_size)], nrow=model.num_classes or 10)
     from PIL import Image
 
     Image.fromarray(grid.numpy()).save(out / "grid.png")
 
     t0 = time.perf_counter()
-    metrics_fn = _build_metrics(cfg)
-    metrics = metrics_fn(sample_dir, reference_folder(Path(cfg.paths.cache_dir)), images, labels)
+    metrics = _measure(cfg, sample_dir, images, labels, conditions, dataset, device)
     metrics_s = time.perf_counter() - t0
 
     cost = {
+        **model_costs(student, model, reference=teacher),
+        "params": sum(p.numel() for p in student.parameters()),
+        **ctx.cost,
         "sample_s": sample_s,
         "metrics_s": metrics_s,
         "total_s": time.perf_counter() - t_start,
         "peak_mem_mb": memory.read(),
-        "size_mb": _param_mb(student),
-        "params": sum(p.numel() for p in student.parameters()),
-        **ctx.cost,
     }
     results = {
         "model": cfg.model.name,
@@ -153,10 +165,13 @@ def save_student(student: torch.nn.Module, out: Path) -> Path:
     return path
 
 
-def _build_metrics(cfg: DictConfig):
+def _measure(cfg: DictConfig, sample_dir: Path, images: torch.Tensor, labels, conditions,
+             dataset, device: torch.device) -> dict:
+    """The ``metrics`` group's numbers for the samples of this run."""
     from hydra.utils import get_class
 
-    return get_class(cfg.metrics._target_)(classifier_checkpoint=cfg.metrics.classifier_checkpoint)
+    fn = get_class(cfg.metrics._target_)(classifier_checkpoint=cfg.metrics.classifier_checkpoint)
+    return fn(sample_dir, reference_folder(Path(cfg.paths.cache_dir)), images, labels)
 
 
 def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:

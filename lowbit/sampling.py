@@ -1,8 +1,9 @@
 """Sampling over diffusers schedulers with classifier-free guidance.
 
-``GuidedDenoiser.__call__`` is the single place where the denoiser is called during sampling:
-it always passes ``timestep`` to the model, so a forward pre-hook on the model (timestep-aware
-quantizers, caches) sees the real timestep whatever the scheduler.
+The network is called only through the denoiser adapter (:class:`~lowbit.models.adapter.Denoiser`),
+which always passes ``timestep`` by keyword, so a forward pre-hook on the network (timestep-aware
+quantizers, caches) sees the real timestep whatever the scheduler. Samples stay in the model's
+space (latents for latent models); :meth:`Denoiser.decode` gives images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
-from torch import nn
+
+from lowbit.models.adapter import Denoiser
 
 SCHEDULERS: dict[str, type] = {
     "ddim": DDIMScheduler,
@@ -54,73 +56,56 @@ def build_scheduler(noise_schedule: dict, kind: str, steps: int):
     return sched
 
 
-class GuidedDenoiser(nn.Module):
-    """ε(x_t, t, c) with classifier-free guidance for class-conditional models.
-
-    Conditional and unconditional inputs go through the model as one batch, so a quantized model
-    sees both in every forward (as Q-Diffusion's calibration assumes).
-    """
-
-    def __init__(self, model: nn.Module, null_class: int | None, conditional: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.null_class = null_class
-        self.conditional = conditional
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
-                guidance_scale: float = 1.0) -> torch.Tensor:
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        if not self.conditional:
-            return self.model(x, t).sample
-        if labels is None or guidance_scale == 1.0 or self.null_class is None:
-            return self.model(x, t, class_labels=labels).sample
-        null = torch.full_like(labels, self.null_class)
-        eps = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                         class_labels=torch.cat([labels, null])).sample
-        eps_c, eps_u = eps.chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
-
-
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:
+    """Keyword arguments of ``scheduler.step`` for η and the stochastic samplers' noise."""
+    kw: dict = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+        kw["generator"] = generator
+    return kw
+
+
 @torch.no_grad()
-def sample(denoiser: GuidedDenoiser, scheduler, labels: torch.Tensor, sample_shape: tuple[int, ...],
+def sample(denoiser: Denoiser, scheduler, cond: torch.Tensor | None, n: int,
            generator: torch.Generator, guidance_scale: float = 1.0, eta: float = 0.0,
            callback: StepCallback | None = None) -> torch.Tensor:
-    """Run the scheduler's reverse process for one batch; returns x_0 in model space.
+    """Run the scheduler's reverse process for one batch of ``n`` samples; returns x_0 in the
+    model's space.
 
     ``callback(i, t, x_t, eps)`` is called at every step (trajectory capture for calibration).
     The initial noise and any stochastic step draw from ``generator``, so a seed fixes the result.
     """
-    device = next(denoiser.parameters()).device
-    x = torch.randn((len(labels), *sample_shape), generator=generator).to(device)
+    device = denoiser.device
+    x = torch.randn((n, *denoiser.sample_shape), generator=generator).to(device)
     x = x * scheduler.init_noise_sigma
-    labels = labels.to(device)
-    step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
-        step_kwargs["generator"] = generator
+    cond = cond.to(device) if cond is not None else None
+    kw = step_kwargs(scheduler, eta, generator)
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
-        eps = denoiser(x_in, t.to(device), labels, guidance_scale)
+        eps = denoiser.guided(x_in, t.to(device), cond, guidance_scale)
         if callback is not None:
             callback(i, t, x_in, eps)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        x = scheduler.step(eps, t, x, **kw).prev_sample
     return x
 
 
-def sample_many(denoiser: GuidedDenoiser, noise_schedule: dict, cfg: SamplerConfig,
-                labels: torch.Tensor, sample_shape: tuple[int, ...], seed: int,
-                callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
-    """Sample ``len(labels)`` images in batches. Batch ``b`` uses seed ``seed + b`` so results
-    do not depend on how many batches ran before (resumable, parallelisable)."""
+def sample_many(denoiser: Denoiser, cfg: SamplerConfig, cond: torch.Tensor | None, n: int,
+                seed: int, callback: StepCallback | None = None, progress: bool = True
+                ) -> torch.Tensor:
+    """Sample ``n`` images in batches of ``cfg.batch_size`` with conditioning ``cond`` (``[n, …]``
+    or None). Batch ``b`` uses seed ``seed + b`` so results do not depend on how many batches ran
+    before (resumable, parallelisable)."""
     from tqdm.auto import tqdm
 
     out = []
-    starts = range(0, len(labels), cfg.batch_size)
+    starts = range(0, n, cfg.batch_size)
     for b, s in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        sched = build_scheduler(noise_schedule, cfg.kind, cfg.steps)
+        sched = build_scheduler(denoiser.noise_schedule, cfg.kind, cfg.steps)
         gen = torch.Generator().manual_seed(seed + b)
-        out.append(sample(denoiser, sched, labels[s : s + cfg.batch_size], sample_shape, gen,
-                          cfg.guidance_scale, cfg.eta, callback).cpu())
+        m = min(cfg.batch_size, n - s)
+        c = cond[s : s + m] if cond is not None else None
+        out.append(sample(denoiser, sched, c, m, gen, cfg.guidance_scale, cfg.eta,
+                          callback).cpu())
     return torch.cat(out)

@@ -11,48 +11,55 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.models import LoadedModel
-from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
+from lowbit.models.adapter import Denoiser
+from lowbit.sampling import SamplerConfig, sample_many
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrajectorySet:
-    """x_t [S, N, ...] at timesteps t [S] for labels [N] (S kept steps, N samples)."""
+    """x_t ``[S, N, ...]`` at timesteps ``[S]`` for conditioning ``cond`` ``[N, ...]`` (or None),
+    S kept steps × N samples, and the adapter that turns them into network inputs."""
 
     xt: torch.Tensor
     timesteps: torch.Tensor
-    labels: torch.Tensor
+    cond: torch.Tensor | None
     guidance_scale: float
-    null_class: int | None
-    conditional: bool = True
+    denoiser: Denoiser
 
     def __len__(self) -> int:
         return self.xt.shape[0] * self.xt.shape[1]
 
-    def model_inputs(self, s: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Denoiser kwargs at kept step ``s`` for samples ``idx`` — conditional and (with
-        guidance) unconditional halves in one batch, exactly as sampling calls the model."""
-        x, y = self.xt[s, idx], self.labels[idx]
+    @property
+    def num_samples(self) -> int:
+        return self.xt.shape[1]
+
+    def batch(self, s: int, idx: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """``{"x", "t", "cond"}`` at kept step ``s`` for samples ``idx`` as the network sees them
+        during sampling: conditional and (with guidance) unconditional halves in one batch."""
+        x = self.xt[s, idx]
         t = self.timesteps[s].expand(len(idx))
-        if not self.conditional:
-            return {"sample": x, "timestep": t}
-        if self.null_class is not None and self.guidance_scale != 1.0:
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            y = torch.cat([y, torch.full_like(y, self.null_class)])
-        return {"sample": x, "timestep": t, "class_labels": y}
+        c = self.cond[idx] if self.cond is not None else None
+        x, t, c = self.denoiser.guidance_batch(x, t, c, self.guidance_scale)
+        return {"x": x, "t": t, "cond": c}
+
+    def model_inputs(self, s: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The network's forward kwargs for :meth:`batch` (what :func:`calibrate_` feeds)."""
+        b = self.batch(s, idx)
+        return self.denoiser.inputs(b["x"], b["t"], b["cond"])
 
     def batches(self, batch_size: int, steps: list[int] | None = None,
                 shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches with a single timestep each (timestep-aware quantizers need that)."""
+        """Network kwargs in batches with a single timestep each (timestep-aware quantizers
+        need that)."""
         g = torch.Generator().manual_seed(seed)
         n = self.xt.shape[1]
         for s in steps if steps is not None else range(self.xt.shape[0]):
@@ -63,12 +70,13 @@ class TrajectorySet:
     def split(self, n_holdout: int) -> tuple[TrajectorySet, TrajectorySet]:
         """Calibration / held-out parts (by sample), for measuring methods on unseen inputs."""
         a, b = self.xt[:, :-n_holdout], self.xt[:, -n_holdout:]
-        la, lb = self.labels[:-n_holdout], self.labels[-n_holdout:]
-        def mk(x: torch.Tensor, y: torch.Tensor) -> TrajectorySet:
-            return TrajectorySet(x, self.timesteps, y, self.guidance_scale, self.null_class,
-                                 self.conditional)
+        ca = self.cond[:-n_holdout] if self.cond is not None else None
+        cb = self.cond[-n_holdout:] if self.cond is not None else None
 
-        return mk(a, la), mk(b, lb)
+        def mk(x: torch.Tensor, c: torch.Tensor | None) -> TrajectorySet:
+            return TrajectorySet(x, self.timesteps, c, self.guidance_scale, self.denoiser)
+
+        return mk(a, ca), mk(b, cb)
 
 
 def kept_step_indices(num_steps: int, calib_steps: int) -> list[int]:
@@ -79,9 +87,12 @@ def kept_step_indices(num_steps: int, calib_steps: int) -> list[int]:
     return sorted({round(i * (num_steps - 1) / (calib_steps - 1)) for i in range(calib_steps)})
 
 
-def _cache_key(model_id: str, sampler: SamplerConfig, n: int, calib_steps: int, seed: int) -> str:
+def _cache_key(model_id: str, sampler: SamplerConfig, n: int, calib_steps: int, seed: int,
+               conditions: torch.Tensor | Sequence[str] | None = None) -> str:
+    cond = (None if conditions is None else
+            conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions))
     blob = json.dumps([model_id, sampler.kind, sampler.steps, sampler.eta, sampler.guidance_scale,
-                       n, calib_steps, seed], sort_keys=True)
+                       n, calib_steps, seed, cond], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -95,18 +106,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def fp_trajectories(loaded: LoadedModel, sampler: SamplerConfig, n: int, calib_steps: int,
-                    seed: int, cache_dir: Path | None) -> TrajectorySet:
-    """Generate (or load from ``cache_dir``) FP trajectories of ``n`` samples, evenly over classes."""
-    conditional = loaded.conditioning == "class"
-    key = _cache_key(f"{loaded.name}:{model_fingerprint(loaded.denoiser)}", sampler, n,
-                     calib_steps, seed)
-    path = Path(cache_dir) / "trajectories" / f"{loaded.name}-{key}.safetensors" if cache_dir else None
+def fp_trajectories(denoiser: Denoiser, sampler: SamplerConfig, n: int, calib_steps: int,
+                    seed: int, cache_dir: Path | None,
+                    conditions: torch.Tensor | Sequence[str] | None = None) -> TrajectorySet:
+    """Generate (or load from ``cache_dir``) FP trajectories of ``n`` samples; conditioning from
+    ``conditions`` (labels or prompts, see :meth:`Denoiser.make_cond`; default: classes evenly)."""
+    key = _cache_key(f"{denoiser.name}:{model_fingerprint(denoiser.net)}", sampler, n,
+                     calib_steps, seed, conditions)
+    name = denoiser.name or "model"
+    path = Path(cache_dir) / "trajectories" / f"{name}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         try:
             d = load_file(str(path))
-            return TrajectorySet(d["xt"], d["timesteps"], d["labels"], sampler.guidance_scale,
-                                 loaded.null_class, conditional)
+            return TrajectorySet(d["xt"], d["timesteps"], d.get("cond"), sampler.guidance_scale,
+                                 denoiser)
         except Exception as e:  # noqa: BLE001 - a broken cache file is regenerated, not fatal
             log.warning("trajectory cache %s unreadable (%s); regenerating", path, e)
 
@@ -119,18 +132,18 @@ def fp_trajectories(loaded: LoadedModel, sampler: SamplerConfig, n: int, calib_s
             xs[i].append(x_in.detach().cpu())
             ts[i] = t.detach().cpu().reshape(())
 
-    labels = torch.arange(n) % max(loaded.num_classes, 1)
-    denoiser = GuidedDenoiser(loaded.denoiser, loaded.null_class, conditional)
-    sample_many(denoiser, loaded.noise_schedule, sampler, labels, loaded.sample_shape, seed=seed,
-                callback=grab, progress=False)
+    cond = denoiser.make_cond(conditions, n)
+    sample_many(denoiser, sampler, cond, n, seed=seed, callback=grab, progress=False)
     order = sorted(keep)
     traj = TrajectorySet(torch.stack([torch.cat(xs[i]) for i in order]),
-                         torch.stack([ts[i] for i in order]).long(), labels,
-                         sampler.guidance_scale, loaded.null_class, conditional)
+                         torch.stack([ts[i] for i in order]).long(), cond,
+                         sampler.guidance_scale, denoiser)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({"xt": traj.xt.contiguous(), "timesteps": traj.timesteps, "labels": labels},
-                  str(tmp))
+        tensors = {"xt": traj.xt.contiguous(), "timesteps": traj.timesteps}
+        if cond is not None:
+            tensors["cond"] = cond.contiguous()
+        save_file(tensors, str(tmp))
         tmp.replace(path)
     return traj

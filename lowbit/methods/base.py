@@ -10,18 +10,21 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from lowbit.models import LoadedModel
+from lowbit.models.adapter import Denoiser
 
 
 @dataclass
 class MethodContext:
-    """What a method may use besides the teacher: the resolved run config, the run directory,
-    the shared cache directory and a place to record costs and reports for results.json."""
+    """What a method may use besides the teacher network: the resolved run config, the run
+    directory, the shared cache directory, the teacher's denoiser adapter (``model``: how the
+    network is called, its schedule, VAE, conditioning), the dataset (``dataset``: real images,
+    conditions) and a place to record costs and reports for results.json."""
 
     cfg: DictConfig
     output_dir: Path
     cache_dir: Path
-    loaded: LoadedModel
+    model: Denoiser
+    dataset: Any = None
     cost: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 

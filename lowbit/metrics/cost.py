@@ -8,7 +8,9 @@ with weights are counted (Conv2d, Linear — quantized or not — and the conv-l
 extras of binary layers: BiDM's k×k scaling filter, a 1×1 shortcut conv) plus the two attention
 matmuls ``QKᵀ`` and ``softmax·V`` (BOPs when both operands are quantized); norms, activations and
 elementwise ops are not, as in the papers. A weight-only quantized layer (``a16``/``a32``) is
-computed in floating point after dequantization, so it counts as FLOPs.
+computed in floating point after dequantization, so it counts as FLOPs; so does a layer whose
+activation scales vary along the reduction axis (per-input-channel activations: no integer GEMM
+can apply them), whatever its nominal bits.
 
 Counting runs one forward pass with batch size 1 through forward hooks, so it follows whatever the
 model actually executes (time embedding, class embedding, attention at every resolution).
@@ -24,6 +26,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
+from lowbit.models.adapter import Denoiser
 from lowbit.quant import model_size
 from lowbit.quant.attention import MATMUL_ATTR
 from lowbit.quant.modules import QuantModuleMixin
@@ -89,6 +92,17 @@ def _attention_hook(report: OpsReport, name: str):
     return hook
 
 
+def integer_gemm(module: nn.Module) -> bool:
+    """Whether a quantized layer's products can run as an integer/binary GEMM: activation scales
+    that vary along the reduction axis (per input channel or group; per position inside a conv's
+    im2col row) cannot be applied to an integer accumulator, so such a layer dequantizes and
+    computes in floating point — FLOPs, not BOPs."""
+    kinds = {getattr(q, "kind", None) for q in getattr(module, "act_quantizers", lambda: [])()}
+    if kinds & {"channel", "group"}:
+        return False
+    return not ("token" in kinds and isinstance(module, nn.Conv2d))
+
+
 def count_ops(model: nn.Module, example: dict) -> OpsReport:
     """OPs of ``model(**example)`` per sample (``example`` with batch size 1 is cheapest)."""
     report = OpsReport()
@@ -99,7 +113,8 @@ def count_ops(model: nn.Module, example: dict) -> OpsReport:
                 x = args[0]
                 macs = layer_macs(mod, x, y)
                 if isinstance(mod, QuantModuleMixin):
-                    report.add(name, macs, _bits(mod.weight_quantizer), _bits(mod.input_quantizer))
+                    b_a = _bits(mod.input_quantizer) if integer_gemm(mod) else FP_BITS
+                    report.add(name, macs, _bits(mod.weight_quantizer), b_a)
                 else:
                     report.add(name, macs, FP_BITS, FP_BITS)
                 extra = getattr(mod, "extra_macs", None)
@@ -119,27 +134,30 @@ def count_ops(model: nn.Module, example: dict) -> OpsReport:
     return report
 
 
-def example_inputs(loaded, device: torch.device | str = "cpu", timestep: int = 500) -> dict:
-    """One sample's denoiser kwargs for ``loaded`` (a LoadedModel)."""
-    x = torch.zeros((1, *loaded.sample_shape), device=device)
-    kw = {"sample": x, "timestep": torch.tensor([timestep], device=device)}
-    if loaded.conditioning == "class":
-        kw["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
-    return kw
+def example_inputs(denoiser: Denoiser, device: torch.device | str = "cpu",
+                   timestep: int = 500) -> dict:
+    """One sample's network kwargs for ``denoiser`` (conditional on class 0 / the empty prompt)."""
+    x = torch.zeros((1, *denoiser.sample_shape), device=device)
+    cond = None
+    if denoiser.conditioning == "class":
+        cond = torch.zeros(1, dtype=torch.long, device=device)
+    elif denoiser.conditioning == "text":
+        cond = denoiser.null_cond(1, torch.device(device))
+    return denoiser.inputs(x, torch.tensor([timestep], device=device), cond)
 
 
 def size_mb(model: nn.Module) -> float:
     return model_size(model).total_mb
 
 
-def model_costs(model: nn.Module, loaded, reference: nn.Module | None = None) -> dict:
+def model_costs(model: nn.Module, denoiser: Denoiser, reference: nn.Module | None = None) -> dict:
     """``size_mb`` and ``ops`` (with ``bops``, ``flops``) of ``model``; with an FP ``reference``
     also its numbers and the savings (``size_x``, ``ops_x``: how many times smaller)."""
     device = next(model.parameters()).device
-    ops = count_ops(model, example_inputs(loaded, device))
+    ops = count_ops(model, example_inputs(denoiser, device))
     out = {"size_mb": size_mb(model), **ops.to_dict()}
     if reference is not None:
-        ref_ops = count_ops(reference, example_inputs(loaded, device)).ops
+        ref_ops = count_ops(reference, example_inputs(denoiser, device)).ops
         ref_mb = size_mb(reference)
         out.update(ops_fp=ref_ops, size_fp_mb=ref_mb, ops_x=ref_ops / max(ops.ops, 1e-12),
                    size_x=ref_mb / max(out["size_mb"], 1e-12))

@@ -1,9 +1,9 @@
 """Model registry: the built-in digits model, diffusers loaders and architecture presets.
 
 A model config names a loader (``model.loader._target_``) that returns a
-:class:`~lowbit.models.digits.LoadedModel`.
+:class:`~lowbit.models.adapter.Denoiser` — the adapter every other part of lowbit calls.
 """
 
-from lowbit.models.digits import LoadedModel
+from lowbit.models.adapter import Denoiser
 
-__all__ = ["LoadedModel"]
+__all__ = ["Denoiser"]

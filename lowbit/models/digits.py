@@ -7,7 +7,6 @@ Both are trained by lowbit itself on scikit-learn's bundled handwritten digits (
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from diffusers import UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+from lowbit.models.adapter import Denoiser
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # class index used for the unconditional branch of classifier-free guidance
@@ -129,23 +130,10 @@ def load_reference() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-@dataclass
-class LoadedModel:
-    """What a model loader returns: the denoiser, its noise schedule and how it is conditioned."""
-
-    denoiser: nn.Module
-    noise_schedule: dict
-    conditioning: str  # "class" | "text" | "none"
-    num_classes: int = 0
-    null_class: int | None = None
-    sample_shape: tuple[int, ...] = ()
-    name: str = ""
-
-
-def load_digits_model(checkpoint: str | Path | None = None) -> LoadedModel:
+def load_digits_model(checkpoint: str | Path | None = None) -> Denoiser:
     """Model loader of ``model=digits`` (Hydra ``_target_``)."""
-    return LoadedModel(
-        denoiser=load_digits_unet(checkpoint),
+    return Denoiser(
+        net=load_digits_unet(checkpoint),
         noise_schedule=dict(DIGITS_NOISE_SCHEDULE),
         conditioning="class",
         num_classes=NUM_CLASSES,

@@ -9,7 +9,9 @@ GEGLU feed-forward, 1×1 proj convs) shrunk in width, and a DiT with the real Di
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,3 +151,87 @@ def example_inputs(model: nn.Module, batch_size: int = 2, timestep: int | torch.
     elif getattr(cfg, "num_class_embeds", None):
         inputs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (batch_size,), **kw)
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# random-weight pipeline folders: the real model families, loadable offline with model.path=
+# ------------------------------------------------------------------------------------------------
+TINY_TEXT_DIM = 32
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0) -> nn.Module:
+    """A random-weight ``AutoencoderKL`` with SD's structure in miniature (2× downsampling)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                         block_out_channels=(32, 32), layers_per_block=1,
+                         norm_num_groups=32, sample_size=32).eval()
+
+
+def tiny_clip_text(folder: Path, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A random-weight CLIP text encoder (``TINY_TEXT_DIM`` wide) and a character-level CLIP BPE
+    tokenizer whose vocabulary files are written into ``folder`` (no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                        model_max_length=16)
+    torch.manual_seed(seed)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=TINY_TEXT_DIM,
+                                       intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=16,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    return enc, tok
+
+
+def write_preset_pipeline(folder: str | Path, preset: str, seed: int = 0, **overrides: Any
+                          ) -> Path:
+    """Write a random-weight diffusers pipeline of a real model family to ``folder``
+    (``save_pretrained``), loadable with ``model=diffusers model.path=<folder>``:
+
+    - ``ddpm_cifar10``: ``DDPMPipeline`` (pixel space, unconditional; pass e.g.
+      ``block_out_channels=(32, 64, 64, 64)`` to shrink it);
+    - ``sd_v1``: ``StableDiffusionPipeline`` with the SD v1 U-Net structure (width 32), a tiny
+      random VAE, CLIP text encoder and tokenizer;
+    - ``dit``: ``DiTPipeline`` with a small DiT and a tiny random VAE.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        DDPMPipeline,
+        DDPMScheduler,
+        DiTPipeline,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+    )
+
+    folder = Path(folder)
+    if preset == "ddpm_cifar10":
+        unet = build_preset("ddpm_cifar10", seed, **overrides)
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    elif preset == "sd_v1":
+        unet = build_preset("sd_v1", seed, **{"cross_attention_dim": TINY_TEXT_DIM,
+                                              "sample_size": 16, **overrides})
+        enc, tok = tiny_clip_text(folder / "_vocab", seed)
+        sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=tiny_vae(4, seed), text_encoder=enc, tokenizer=tok,
+                                       unet=unet, scheduler=sched, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    elif preset == "dit":
+        net = build_preset("dit", seed, **overrides)
+        pipe = DiTPipeline(transformer=net, vae=tiny_vae(4, seed),
+                           scheduler=DDIMScheduler(num_train_timesteps=1000))
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose ddpm_cifar10, sd_v1 or dit")
+    pipe.save_pretrained(str(folder))
+    return folder
