@@ -54,6 +54,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("export", True, "a full-precision run has no quantized model to pack",
                           "set export=false, or choose a quantized method and bits")
 
+    if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path", "???", "this model config needs a pipeline",
+                          "pass model.path=<hub id or local diffusers pipeline folder>")
+    mpath = _get(cfg, "model.path")
+    if mpath is not None and str(mpath).startswith((".", "/", "~")) and not Path(
+            os.path.expanduser(str(mpath))).is_dir():
+        raise ConfigError("model.path", mpath, "no such folder",
+                          "give a folder written by a diffusers pipeline's save_pretrained, "
+                          "or a hub id such as google/ddpm-cifar10-32")
+
     ckpt = _get(cfg, "model.loader.checkpoint")
     if ckpt and not Path(str(ckpt)).exists():
         raise ConfigError("model.loader.checkpoint", ckpt, "no such file or folder",
