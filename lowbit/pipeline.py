@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import lowbit
 from lowbit.config import ConfigError, check_writable, validate
-from lowbit.data.digits import reference_folder, save_png_folder, to_uint8
+from lowbit.data.digits import save_png_folder, to_uint8
 from lowbit.memory import PeakMemory
 from lowbit.methods import MethodContext, build_method
+from lowbit.metrics import build_metrics
 from lowbit.metrics.cost import model_costs
 from lowbit.models.adapter import Denoiser
 from lowbit.sampling import SamplerConfig, sample_many
@@ -83,10 +84,14 @@ def decode_images(model: Denoiser, x: torch.Tensor, batch_size: int) -> torch.Te
 
 def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
          memory: PeakMemory, t_start: float) -> dict:
+    dataset = build_dataset(cfg)
+    suite = build_metrics(cfg.metrics)
+    if dataset is not None:
+        dataset.check()
+    suite.check(dataset)
     model: Denoiser = instantiate(cfg.model.loader)
     model.to(device)
     teacher = model.net.eval()
-    dataset = build_dataset(cfg)
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
                         model=model, dataset=dataset)
     method = build_method(cfg.method)
@@ -97,6 +102,8 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     n = int(cfg.metrics.num_samples)
     conditions = dataset.conditions(n) if dataset is not None else None
     cond = model.make_cond(conditions, n)
+    prompts = ([conditions[i % len(conditions)] for i in range(n)]
+               if model.conditioning == "text" else None)
     sampler = SamplerConfig.from_cfg(cfg.sampler)
     t0 = time.perf_counter()
     x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
@@ -112,7 +119,12 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     Image.fromarray(grid.numpy()).save(out / "grid.png")
 
     t0 = time.perf_counter()
-    metrics = _measure(cfg, sample_dir, images, labels, conditions, dataset, device)
+    fp_images = None
+    if suite.needs_fp_images:
+        fp_images = images if student is teacher else fp_samples(
+            model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
+    metrics = _measure(cfg, suite, sample_dir, images,
+                       prompts if prompts is not None else labels, dataset, device, fp_images)
     metrics_s = time.perf_counter() - t0
 
     cost = {
@@ -165,13 +177,45 @@ def save_student(student: torch.nn.Module, out: Path) -> Path:
     return path
 
 
-def _measure(cfg: DictConfig, sample_dir: Path, images: torch.Tensor, labels, conditions,
-             dataset, device: torch.device) -> dict:
+def _measure(cfg: DictConfig, suite, sample_dir: Path, images: torch.Tensor, conditions,
+             dataset, device: torch.device, fp_images: torch.Tensor | None) -> dict:
     """The ``metrics`` group's numbers for the samples of this run."""
-    from hydra.utils import get_class
+    from lowbit.metrics import MetricInputs
 
-    fn = get_class(cfg.metrics._target_)(classifier_checkpoint=cfg.metrics.classifier_checkpoint)
-    return fn(sample_dir, reference_folder(Path(cfg.paths.cache_dir)), images, labels)
+    inputs = MetricInputs(sample_dir=sample_dir, images=images, conditions=conditions,
+                          dataset=dataset, cache_dir=Path(cfg.paths.cache_dir), device=device,
+                          fp_images=fp_images)
+    return suite(inputs)
+
+
+def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | None, n: int,
+               seed: int, cache_dir: Path | None) -> torch.Tensor:
+    """uint8 images of the FP model on the seeds and conditions of a run (the reference of paired
+    fidelity), cached per (model weights, sampler, n, seed, conditioning)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.data.trajectories import model_fingerprint
+
+    h = hashlib.sha256(repr((model.name, model_fingerprint(model.net), sampler, n, seed)).encode())
+    if cond is not None:
+        h.update(cond.detach().cpu().contiguous().numpy().tobytes())
+    path = (Path(cache_dir) / "fp_samples" / f"{model.name or 'model'}-{h.hexdigest()[:16]}"
+            ".safetensors") if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            return load_file(str(path))["images"]
+        except Exception as e:  # noqa: BLE001 - a broken cache file is regenerated
+            log.warning("FP sample cache %s unreadable (%s); regenerating", path, e)
+    x = sample_many(model, sampler, cond, n, seed=seed, progress=False)
+    images = decode_images(model, x, sampler.batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"images": images.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return images
 
 
 def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:
