@@ -30,7 +30,10 @@ def load_digits_tensors(resolution: int = RESOLUTION) -> tuple[torch.Tensor, tor
 
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed train/validation split (the classifier is judged on digits it never saw)."""
+    """A fixed train/validation split (the classifier is judged on digits it never saw).
+
+    The validation part is also the digits' held-out split (``DigitsDataset(split="heldout")``):
+    a fixed seeded permutation, so every run and method sees the same held-out digits."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = int(round(n * val_fraction))
     return perm[n_val:], perm[:n_val]
@@ -56,11 +59,8 @@ def save_png_folder(images_u8: torch.Tensor, folder: Path, labels: torch.Tensor 
 
 
 def reference_folder(cache_dir: Path, resolution: int = RESOLUTION) -> Path:
-    """The real digits as PNG files — the reference set of the digits FID. Written once."""
-    folder = Path(cache_dir) / f"digits_ref_{resolution}"
-    x, y = load_digits_tensors(resolution)
-    done = folder / ".complete"
-    if not done.is_file() or len(list(folder.glob("*.png"))) != len(x):
-        save_png_folder(to_uint8(x), folder, y)
-        done.write_text(str(len(x)))
-    return folder
+    """All real digits as PNG files — the reference set of the digits FID (``split="all"``).
+    Written once into ``cache_dir`` and rebuilt whenever its checksum manifest does not match."""
+    from lowbit.data.datasets import DigitsDataset
+
+    return DigitsDataset(resolution=resolution, reference_split="all").reference(cache_dir)
