@@ -53,6 +53,16 @@ def validate(cfg: DictConfig) -> None:
     if _get(cfg, "export", False) and (method == "fp" or bits == "fp"):
         raise ConfigError("export", True, "a full-precision run has no quantized model to pack",
                           "set export=false, or choose a quantized method and bits")
+    if _get(cfg, "export", False):
+        from lowbit.export import packable
+
+        why = packable(method, bits)
+        if why:
+            raise ConfigError("export", True, why,
+                              "set export=false: the fake-quant student is still saved "
+                              "(student.safetensors + quant_map.json) and reloads with "
+                              "lowbit.export.load_student")
+
 
     if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path", "???", "this model config needs a pipeline",

@@ -34,7 +34,7 @@ def test_digits_from_config_has_fixed_disjoint_splits(make_cfg):
     ds.check()
     x_all, y_all = ds.images("all"), ds.labels("all")
     assert x_all.shape == (1797, 1, 16, 16) and x_all.dtype == torch.float32
-    assert -1.0 <= float(x_all.min()) and float(x_all.max()) <= 1.0
+    assert float(x_all.min()) >= -1.0 and float(x_all.max()) <= 1.0
     train, held = split_indices(1797)
     assert len(ds.images("heldout")) == 359 and len(ds.images("train")) == 1438
     assert set(train.tolist()).isdisjoint(held.tolist())
@@ -113,7 +113,7 @@ def _stripes(w: int = 40, h: int = 20) -> np.ndarray:
 @pytest.fixture
 def class_folder(tmp_path):
     root = tmp_path / "images"
-    for c, name in enumerate(["cat", "dog", "emu"]):
+    for name in ["cat", "dog", "emu"]:
         (root / name).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(_stripes()).save(root / name / f"{i}.png")
@@ -128,7 +128,7 @@ def test_image_folder_with_class_subfolders(make_cfg, class_folder):
     assert ds.classes == ["cat", "dog", "emu"] and ds.num_classes == 3
     assert ds.conditioning == "class"
     x, y = ds.images("all"), ds.labels("all")
-    assert x.shape == (15, 3, 16, 16) and -1 <= float(x.min()) and float(x.max()) <= 1
+    assert x.shape == (15, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
     assert y.tolist() == [0] * 5 + [1] * 5 + [2] * 5
     # center-cropped to the green square, then resized
     png = x[y == 0][1]  # a 40×20 PNG

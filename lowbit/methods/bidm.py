@@ -43,6 +43,7 @@ from lowbit.methods.qat_data import (
     timestep_blocks,
 )
 from lowbit.quant.binary import BinarySpec
+from lowbit.quant.qmap import register_module_class
 
 CTC_HOOK_ATTR = "_lowbit_cross_timestep_hook"
 
@@ -148,11 +149,40 @@ def attach_cross_timestep(unet: nn.Module, n_blocks: int, num_buckets: int = 10,
         w = CrossTimestepBlock(holder[int(child)], num_buckets, alpha_init, num_train_timesteps)
         holder[int(child)] = w  # resnets / attentions are ModuleLists
         wrappers.append(w)
+    install_cross_timestep_hook(unet, wrappers)
+    return wrappers
+
+
+def install_cross_timestep_hook(unet: nn.Module, wrappers: list[CrossTimestepBlock]) -> None:
+    """The timestep pre-hook on ``unet`` that feeds ``wrappers`` (forward order); replaces an
+    earlier one."""
+    old = getattr(unet, CTC_HOOK_ATTR, None)
+    if old is not None:
+        old[1].remove()
+        object.__setattr__(unet, CTC_HOOK_ATTR, None)
     if wrappers:
-        hook = _CrossTimestepHook(wrappers)
+        hook = _CrossTimestepHook(list(wrappers))
         handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
         object.__setattr__(unet, CTC_HOOK_ATTR, (hook, handle))
-    return wrappers
+
+
+def _build_cross_timestep(existing: nn.Module | None, spec: dict, _ctx) -> CrossTimestepBlock:
+    if existing is None:
+        raise ValueError("no block to wrap at this path")
+    w = CrossTimestepBlock(existing, int(spec["num_buckets"]), 0.3,
+                           int(spec["num_train_timesteps"]))
+    if not spec.get("enabled", True):
+        w.disable()
+    return w
+
+
+# quantization map (lowbit.quant.qmap): a reloaded student carries the connection and its hook
+register_module_class(
+    CrossTimestepBlock,
+    describe=lambda w: {"num_buckets": int(w.alpha.numel()),
+                        "num_train_timesteps": int(w.num_train_timesteps), "enabled": w.enabled},
+    build=_build_cross_timestep,
+    finalize=lambda model, mods: install_cross_timestep_hook(model, [m for _, m in mods]))
 
 
 def reset_cross_timestep(unet: nn.Module) -> None:

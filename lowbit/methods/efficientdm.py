@@ -45,6 +45,7 @@ from lowbit.methods.distill import (
 )
 from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
 from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin, model_size
+from lowbit.quant.qmap import register_module_class
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,16 @@ log = logging.getLogger(__name__)
 # QALoRA
 # ------------------------------------------------------------------------------------------------
 class LoRAWeights(nn.Module):
-    """The low-rank update ``scaling · B·A`` of one layer's weight, as a tensor shaped like it.
+    """The low-rank update ``scaling · B·A`` of one layer's weight, as a tensor shaped like it: a
+    *weight* adapter for the quantized layers' adapter slot (``layer.set_adapter``; parameters
+    ``<layer>.lora.A`` / ``.B``), so the weight quantizer sees ``W₀ + B·A`` (EfficientDM Eq. 5).
 
     Linear ``[out, in]``: A ``[r, in]``, B ``[out, r]``. Conv ``[out, in, kh, kw]``: A is a k×k
     conv kernel ``[r, in, kh, kw]``, B a 1×1 conv ``[out, r, 1, 1]``; conv(conv(x, A), B) =
     conv(x, B·A) for a 1×1 B, so the update merges exactly. A: Kaiming-uniform, B: zero (the
     student starts as the PTQ model)."""
+
+    adapts = "weight"
 
     def __init__(self, weight_shape: Sequence[int], rank: int, scaling: float = 1.0) -> None:
         super().__init__()
@@ -74,42 +79,44 @@ class LoRAWeights(nn.Module):
         return (self.B.flatten(1) @ self.A.flatten(1)).reshape(self.weight_shape) * self.scaling
 
 
-class QALoRAMixin:
-    """Quantized layer whose weight quantizer sees ``W₀ + B·A`` (EfficientDM Eq. 5)."""
-
-    lora: LoRAWeights
-
-    def effective_weight(self) -> Tensor:
-        return self.weight + self.lora.delta().to(self.weight.dtype)
+register_module_class(
+    LoRAWeights,
+    describe=lambda m: {"weight_shape": list(m.weight_shape), "rank": m.rank,
+                        "scaling": m.scaling},
+    build=lambda _e, s, _c: LoRAWeights(s["weight_shape"], int(s["rank"]), float(s["scaling"])))
 
 
-class QALoRALinear(QALoRAMixin, QuantLinear):
-    pass
+class _HasQALoRA(type):
+    """``isinstance(m, QALoRALinear)``: a quantized layer of that base class with a QALoRA in its
+    adapter slot (the layer's class itself never changes)."""
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return isinstance(obj, cls.base) and isinstance(getattr(obj, "adapter", None), LoRAWeights)
 
 
-class QALoRAConv2d(QALoRAMixin, QuantConv2d):
-    pass
+class QALoRALinear(metaclass=_HasQALoRA):
+    base = QuantLinear
 
 
-_LORA_CLASS = {QuantLinear: QALoRALinear, QuantConv2d: QALoRAConv2d}
-_BASE_CLASS = {v: k for k, v in _LORA_CLASS.items()}
+class QALoRAConv2d(metaclass=_HasQALoRA):
+    base = QuantConv2d
 
 
 def add_lora_(model: nn.Module, rank: int, alpha: float | None = None,
               include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> list[str]:
-    """Attach a QALoRA to every quantized Linear/Conv2d matching ``include`` and not ``exclude``;
-    returns their names. ``alpha``: LoRA scaling α/r (``None``: 1)."""
+    """Attach a QALoRA to the adapter slot of every quantized Linear/Conv2d matching ``include``
+    and not ``exclude``; returns their names. ``alpha``: LoRA scaling α/r (``None``: 1)."""
     names = []
     for name, m in model.named_modules():
-        klass = _LORA_CLASS.get(type(m))
-        if klass is None or not any(fnmatch.fnmatchcase(name, p) for p in include) or any(
+        if type(m) not in (QuantLinear, QuantConv2d) or m.adapter is not None:
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in include) or any(
                 fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
         if getattr(m, "groups", 1) != 1:
             continue  # a grouped conv's B·A is not a grouped kernel
         scaling = 1.0 if alpha is None else float(alpha) / rank
-        m.lora = LoRAWeights(m.weight.shape, rank, scaling).to(m.weight.device)
-        m.__class__ = klass
+        m.set_adapter(LoRAWeights(m.weight.shape, rank, scaling).to(m.weight.device))
         names.append(name)
     if not names:
         raise ValueError(f"add_lora_: no quantized layer matches {list(include)} minus "
@@ -119,14 +126,14 @@ def add_lora_(model: nn.Module, rank: int, alpha: float | None = None,
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> int:
-    """Fold every QALoRA into its weight (W₀ ← W₀ + B·A) and remove it: the quantized layer then
-    computes exactly what the training-time path ``Q(W₀ + B·A)`` computed. Returns the count."""
+    """Fold every QALoRA into its weight (W₀ ← W₀ + B·A) and empty the adapter slot: the quantized
+    layer then computes exactly what the training-time path ``Q(W₀ + B·A)`` computed. Returns the
+    count."""
     n = 0
     for m in model.modules():
-        if isinstance(m, QALoRAMixin):
+        if isinstance(m, QuantModuleMixin) and isinstance(m.adapter, LoRAWeights):
             m.weight.copy_(m.effective_weight())
-            del m.lora
-            m.__class__ = _BASE_CLASS[type(m)]
+            m.set_adapter(None)
             n += 1
     return n
 

@@ -42,6 +42,7 @@ from lowbit.methods.distill import (
 from lowbit.methods.ptq import quant_config, sampler_config
 from lowbit.quant import QuantConv2d, QuantLinear, quantize_
 from lowbit.quant.binary import channel_map
+from lowbit.quant.qmap import register_module_class
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,14 @@ class BlockwiseGridQuantizer(nn.Module):
         self.scale = nn.Parameter(s, requires_grad=False)
         self._cache: tuple[tuple, Tensor] | None = None
 
+    @classmethod
+    def skeleton(cls, numel: int, bits: int, grid: str = "nf", block: int = 64, name: str = "",
+                 enabled: bool = True) -> BlockwiseGridQuantizer:
+        """Same parameter shapes, no ICQ search (values come from a state_dict next)."""
+        q = cls(torch.zeros(int(numel)), bits, grid, block, icq=False, name=name)
+        q.enabled = bool(enabled)
+        return q
+
     @property
     def is_initialized(self) -> bool:
         return True
@@ -181,6 +190,7 @@ class BlockwiseGridQuantizer(nn.Module):
     @property
     def num_scales(self) -> int:
         return self.scale.numel() + self.center.numel()
+
 
     def params_by_role(self) -> dict[str, list[nn.Parameter]]:
         return {"scale": [self.scale], "zero_point": [self.center]}
@@ -221,11 +231,15 @@ class BlockwiseGridQuantizer(nn.Module):
 # LoRA with IEC
 # ------------------------------------------------------------------------------------------------
 class IECLoRA(nn.Module):
-    """LoRA side branch with IR-QLoRA's Information Elastic Connection.
+    """LoRA side branch with IR-QLoRA's Information Elastic Connection: an *output* adapter for
+    the quantized layers' adapter slot (``layer.set_adapter``; parameters ``<layer>.lora.*``),
+    added to the layer's output.
 
     ``z = A(x) + β₁·groupmean_r(x)``; ``out = B(z) + β₂·repeat(z)``; β₁ = β₂ = 0 and B = 0 at
     init (the student starts as the quantized base). Conv: A a k×k conv (stride/padding of the
     layer), B a 1×1 conv; the parameter-free paths are pooled to A's output grid."""
+
+    adapts = "output"
 
     def __init__(self, layer: nn.Module, rank: int, scaling: float = 1.0, iec: bool = True
                  ) -> None:
@@ -261,22 +275,32 @@ class IECLoRA(nn.Module):
         return self.scaling * out
 
 
-class _LoRASideMixin:
-    lora: IECLoRA
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + self.lora(x)
-
-
-class IRQLoRALinear(_LoRASideMixin, QuantLinear):
-    pass
-
-
-class IRQLoRAConv2d(_LoRASideMixin, QuantConv2d):
-    pass
+register_module_class(
+    IECLoRA,
+    describe=lambda m: {"rank": m.rank, "scaling": m.scaling, "iec": m.iec},
+    build=lambda _e, s, ctx: IECLoRA(ctx.parent, int(s["rank"]), float(s["scaling"]),
+                                     bool(s["iec"])))
+register_module_class(
+    BlockwiseGridQuantizer,
+    describe=lambda q: {"numel": int(q.center.numel()) * q.block, "bits": q.bits, "grid": q.grid,
+                        "block": q.block, "name": q.name, "enabled": q.enabled},
+    build=lambda _e, s, _c: BlockwiseGridQuantizer.skeleton(**s))
 
 
-_SIDE_CLASS = {QuantLinear: IRQLoRALinear, QuantConv2d: IRQLoRAConv2d}
+class _HasIECLoRA(type):
+    """``isinstance(m, IRQLoRALinear)``: a quantized layer of that base class with an IEC LoRA
+    side branch in its adapter slot (the layer's class itself never changes)."""
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return isinstance(obj, cls.base) and isinstance(getattr(obj, "adapter", None), IECLoRA)
+
+
+class IRQLoRALinear(metaclass=_HasIECLoRA):
+    base = QuantLinear
+
+
+class IRQLoRAConv2d(metaclass=_HasIECLoRA):
+    base = QuantConv2d
 
 
 def apply_irqlora_(model: nn.Module, bits: int, grid: str, rank: int, *, block: int = 64,
@@ -286,16 +310,15 @@ def apply_irqlora_(model: nn.Module, bits: int, grid: str, rank: int, *, block: 
     quantizers and attach IEC LoRAs to those layers, in place; returns the layer names."""
     names = []
     for name, m in list(model.named_modules()):
-        klass = _SIDE_CLASS.get(type(m))
-        if klass is None or m.weight_quantizer.passthrough or m.weight_quantizer.bits != bits:
+        if type(m) not in (QuantLinear, QuantConv2d) or m.weight_quantizer.passthrough \
+                or m.weight_quantizer.bits != bits:
             continue
         if m.split or m.weight.numel() % block or getattr(m, "groups", 1) != 1:
             raise ValueError(f"{name}: IR-QLoRA needs an unsplit layer whose weight count is a "
                              f"multiple of block={block} (set split_shortcut: false)")
         m.weight_quantizer = BlockwiseGridQuantizer(m.weight, bits, grid, block, icq,
                                                     candidates, span, f"{name}.weight")
-        m.lora = IECLoRA(m, rank, scaling, iec)
-        m.__class__ = klass
+        m.set_adapter(IECLoRA(m, rank, scaling, iec))  # <layer>.lora: output side branch
         names.append(name)
     if not names:
         raise ValueError(f"apply_irqlora_: no {bits}-bit layer to quantize")
