@@ -63,7 +63,6 @@ def validate(cfg: DictConfig) -> None:
                               "(student.safetensors + quant_map.json) and reloads with "
                               "lowbit.export.load_student")
 
-
     if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path", "???", "this model config needs a pipeline",
                           "pass model.path=<hub id or local diffusers pipeline folder>")

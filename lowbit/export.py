@@ -1,8 +1,17 @@
 """Export a quantized run to packed weights, and load the packed model back.
 
-``lowbit-export <run dir>`` (or ``export=true`` on a run) rebuilds the run's fake-quant student from
-``<run dir>/student.safetensors`` and its resolved config, replaces every quantized Linear/Conv2d
-by a packed module (:mod:`lowbit.ops.quantized_modules`) and writes::
+A run saves its student as two files (:func:`save_student_files`)::
+
+    <run dir>/student.safetensors    every tensor of the fake-quant student
+    <run dir>/quant_map.json         module → registered class + constructor spec
+                                     (:mod:`lowbit.quant.qmap`)
+
+:func:`load_student` rebuilds the student of **any** method from the FP model its config loads,
+the map and the tensors (strict). ``lowbit-export <run dir>`` (or ``export=true`` on a run) then
+replaces every quantized Linear/Conv2d that has a packed form by a packed module
+(:mod:`lowbit.ops.quantized_modules`) — a layer without one (binarized layers, NF/blockwise grids,
+LoRA side branches …) stays the fake-quant layer it is, float tensors, and the manifest says why —
+and writes::
 
     <run dir>/packed/model.safetensors   codes (int8 / two 4-bit per byte / four 2-bit per byte /
                                          32 1-bit per int32 word), float32 scales, integer zero
@@ -10,7 +19,8 @@ by a packed module (:mod:`lowbit.ops.quantized_modules`) and writes::
     <run dir>/packed/manifest.json       per layer: path (int GEMM / weight-only), bits, shapes;
                                          what stayed FP or fake-quant; sizes; sha256 of the file
 
-:func:`load_packed` rebuilds the model from those two files: every tensor of the returned model
+:func:`load_packed` rebuilds the model from those two files (the manifest carries the quantization
+map): every tensor of the returned model
 comes from the packed file (the FP checkpoint the model loader reads is only the skeleton and is
 overwritten entirely; a strict load proves it). Quantized layers run lowbit's integer GEMMs (CuPy
 kernels on CUDA tensors, the exact torch references elsewhere) with zero-point corrections, or the
@@ -46,7 +56,31 @@ PACKED_WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 MB = 2**20  # as lowbit.quant.size
 
-__all__ = ["export_run", "load_packed", "load_student", "pack_model_", "format_sizes", "main"]
+__all__ = ["export_run", "load_packed", "load_student", "pack_model_", "format_sizes", "main",
+           "packable", "save_quant_map", "save_student_files"]
+
+# methods whose student has no packed form for its low-bit layers (export=true is refused by
+# lowbit.config.validate; lowbit-export still writes what it can, reported in the manifest)
+_UNPACKABLE_METHODS = {
+    "binarydm": "its 1-bit layers are binarized (σ₁·sign(w), EBB) and lowbit-packed/1 stores "
+                "uniform affine codes only, so nothing but the 8-bit first/last/time-embedding "
+                "layers would pack",
+    "bidm": "its W1A1 layers (sign(x + t) activations, α·sign(W), learnable scaling, real-valued "
+            "shortcuts, cross-timestep connections) have no packed form in lowbit-packed/1",
+    "binary_baseline": "its XNOR/ReAct layers (α·sign(w) weights) have no packed form in "
+                       "lowbit-packed/1",
+    "irqlora": "its base weights use NF/blockwise-centred grids (ICQ) and its LoRA is a side "
+               "branch that cannot merge into them: no packed form in lowbit-packed/1",
+}
+# fake-quant layers: why their weights/activations have no packed form
+_NO_PACKED_FORM = {
+    "EBBWeightBinarizer": "EBB weights (σ₁·sign(w) [+ σ₂·sign(r) in stage 1]): binarized "
+                          "per-channel scales, no uniform-grid codes",
+    "SignWeightBinarizer": "binarized weights α·sign(w): ±α per channel is not a zero-point grid",
+    "BlockwiseGridQuantizer": "NF/blockwise-centred weight grid (IR-QLoRA ICQ): non-uniform "
+                              "levels, no integer GEMM",
+    "ActBinarizer": "binarized activations sign(x + t): no packed path",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,16 +139,39 @@ def _load_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file ({e}). {fix}") from e
 
 
-def _build_fake_quant(config: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """The run's model with ``quantize_`` applied (quantizer state uninitialised)."""
+def _fp_net(config: dict[str, Any]) -> nn.Module:
+    """The FP network the run's model loader returns (``.net``, or ``.denoiser`` of older
+    loaders), on CPU in eval mode."""
     from hydra.utils import instantiate
 
+    loaded = instantiate(config["model"]["loader"])
+    net = getattr(loaded, "net", None)
+    if net is None:
+        net = getattr(loaded, "denoiser", None)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"model.loader {config['model']['loader'].get('_target_')} returned "
+                         f"{type(loaded).__name__} without a network (.net / .denoiser).")
+    return net.cpu().eval()
+
+
+def _build_fake_quant(config: dict[str, Any]) -> nn.Module:
+    """Legacy skeleton: the run's model with ``quantize_`` replayed (exports written before the
+    manifest carried a quantization map were ptq runs, for which this is exact)."""
     from lowbit.quant import QuantConfig, quantize_
 
-    loaded = instantiate(config["model"]["loader"])
-    model = loaded.denoiser.cpu().eval()
-    report = quantize_(model, QuantConfig.from_dict(config["bits"]), init_weights=False)
-    return model, report
+    model = _fp_net(config)
+    quantize_(model, QuantConfig.from_dict(config["bits"]), init_weights=False)
+    return model
+
+
+def _rebuild(config: dict[str, Any], qmap: dict[str, Any], where: str, fix: str) -> nn.Module:
+    from lowbit.quant.qmap import rebuild_from_map
+
+    model = _fp_net(config)
+    try:
+        return rebuild_from_map(model, qmap, where)
+    except ValueError as e:
+        raise ValueError(f"{e} {fix}") from e
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, fix: str) -> None:
@@ -126,28 +183,74 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, f
                          f"{fix}") from e
 
 
-def load_student(run_dir: str | Path) -> nn.Module:
-    """The run's fake-quant student, restored exactly from ``student.safetensors`` (CPU, eval).
+def save_quant_map(student: nn.Module, out: str | Path) -> Path:
+    """Write ``<out>/quant_map.json``, the student's quantization map (call it beside the
+    ``student.safetensors`` the pipeline writes)."""
+    from lowbit.quant.qmap import QMAP_FILE
+    from lowbit.quant.qmap import save_quant_map as _save
 
-    Works for methods whose student is ``quantize_(model, bits)`` plus trained parameters/state
-    (ptq and every method that keeps quantize_'s modules); a method that adds modules of its own
-    fails the strict load with the mismatching keys named.
-    """
+    return _save(student, Path(out) / QMAP_FILE)
+
+
+def save_student_files(student: nn.Module, out: str | Path) -> tuple[Path, Path]:
+    """Write ``<out>/student.safetensors`` and ``<out>/quant_map.json``: everything
+    :func:`load_student` needs besides the run's config. The map is written first (it fails on
+    a module it could not rebuild), then the tensors."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    qmap = save_quant_map(student, out)
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    path = out / _student_file()
+    _write_atomic(path, lambda p: save_file(state, str(p)))
+    return path, qmap
+
+
+def _read_qmap(run_dir: Path, fix: str) -> dict[str, Any]:
+    from lowbit.quant.qmap import QMAP_FILE, read_quant_map
+
+    path = run_dir / QMAP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the run's {_student_file()} cannot be rebuilt without its "
+            f"quantization map (a run saved before students carried one, or the file was "
+            f"deleted). {fix}")
+    try:
+        return read_quant_map(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid quantization map ({e}). {fix}") from e
+
+
+def load_student(run_dir: str | Path) -> nn.Module:
+    """The run's fake-quant student, restored exactly (CPU, eval) from the FP model its config
+    loads, ``quant_map.json`` and ``student.safetensors`` — for every method; every tensor is
+    checked against the rebuilt skeleton (strict load)."""
     return _load_student(Path(run_dir))[0]
 
 
-def _load_student(run_dir: Path) -> tuple[nn.Module, Any]:
-    """The student and the ``quantize_`` report of its skeleton (what was kept FP and why)."""
+def _load_student(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The student, the run's config and its quantization map."""
     config = read_run_config(run_dir)
     path = run_dir / _student_file()
     bits = config["bits"].get("name", "<bits>")
-    fix = (f"The run saved no loadable quantized model: re-run it with force=true (e.g. `lowbit "
+    fix = (f"Re-run the job to save a loadable student: `lowbit "
            f"method={config.get('method', {}).get('name', 'ptq')} bits={bits} "
-           f"hydra.run.dir={run_dir} force=true`); method=fp runs have nothing to export.")
+           f"hydra.run.dir={run_dir} force=true`; method=fp runs have nothing to export.")
     state = _load_safetensors(path, fix)
-    model, report = _build_fake_quant(config)
+    qmap = _read_qmap(run_dir, fix)
+    from lowbit.quant.qmap import QMAP_FILE
+
+    model = _rebuild(config, qmap, str(run_dir / QMAP_FILE), fix)
     _load_strict(model, state, path, fix)
-    return model.eval(), report
+    return model.eval(), config, qmap
+
+
+def packable(method_name: str | None, bits_name: str | None) -> str | None:
+    """Why a run of ``method_name`` at ``bits_name`` cannot be packed (``None``: it can).
+    ``lowbit.config.validate`` refuses ``export=true`` for these before any compute."""
+    if method_name == "fp" or bits_name == "fp":
+        return "a full-precision run has no quantized model to pack"
+    why = _UNPACKABLE_METHODS.get(str(method_name))
+    return None if why is None else f"method={method_name} cannot be packed: {why}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,10 +284,12 @@ def pack_model_(model: nn.Module) -> dict[str, dict[str, Any]]:
             "act_granularity": m.input_quantizer.kind if acts else None,
             "timestep_aware": any(q.timestep_aware for q in acts),
         }
-        plan = plan_layer(m)
+        why = _no_packed_form(m)
+        plan = None if why else plan_layer(m)
         if plan is None:
+            why = why or "weights stay FP: nothing to pack"
             rec.update(mode="fake_quant", kernel=None,
-                       why="weights stay FP: nothing to pack; kept as the fake-quant layer")
+                       why=f"{why}; kept as the fake-quant layer (float tensors)")
             layers[name] = rec
             continue
         packed, parts = pack_quant_module(m, plan)
@@ -194,11 +299,52 @@ def pack_model_(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def _quantizer_param_ids(model: nn.Module) -> set[int]:
+def _no_packed_form(m: nn.Module) -> str | None:
+    """Why the quantized layer ``m`` has no packed form (``None``: plan_layer decides)."""
+    from lowbit.quant import QuantConv2d, QuantLinear
     from lowbit.quant.quantizers import UniformQuantizer
 
-    return {id(t) for m in model.modules() if isinstance(m, UniformQuantizer)
+    for q in [*m.weight_quantizers(), *m.act_quantizers()]:
+        if not isinstance(q, UniformQuantizer):
+            name = type(q).__name__
+            return _NO_PACKED_FORM.get(name, f"{name} has no packed form in {FORMAT}")
+    adapter = getattr(m, "adapter", None)
+    if adapter is not None and adapter.adapts != "weight":
+        return (f"{type(adapter).__name__} is a side branch on the layer output (LoRA that "
+                f"cannot merge into the quantized weight)")
+    if type(m) not in (QuantLinear, QuantConv2d):
+        return f"{type(m).__name__} computes more than a quantized GEMM"
+    return None
+
+
+def _is_quantizer(m: nn.Module) -> bool:
+    from lowbit.quant.quantizers import UniformQuantizer
+
+    # UniformQuantizer and every class that follows its protocol (binarizers, blockwise grids)
+    return isinstance(m, UniformQuantizer) or callable(getattr(m, "params_by_role", None))
+
+
+def _quantizer_param_ids(model: nn.Module) -> set[int]:
+    return {id(t) for m in model.modules() if _is_quantizer(m)
             for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+
+
+def _fp_layer_reasons(model: nn.Module, bits: dict[str, Any],
+                      quantized: list[str]) -> dict[str, str]:
+    """Plain Linear/Conv2d outside the quantized layers, with the bits rules' reason."""
+    from lowbit.quant import QuantConfig, QuantModuleMixin
+
+    qcfg = QuantConfig.from_dict(bits)
+    inside = tuple(n + "." for n in quantized)
+    out = {}
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear | nn.Conv2d) or isinstance(m, QuantModuleMixin):
+            continue
+        if n.startswith(inside):
+            continue  # part of a quantized layer (LoRA branch, binary shortcut projection)
+        plan = qcfg.plan(n, "conv" if isinstance(m, nn.Conv2d) else "linear")
+        out[n] = plan.fp_reason or "plain layer (not quantized)"
+    return out
 
 
 def _fp16_bytes(model: nn.Module) -> int:
@@ -237,13 +383,14 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
     """Pack a quantized run's student into ``<run dir>/packed/``; returns the size summary (also
     in the manifest), which the pipeline stores as ``results["export"]``."""
     from lowbit.quant.attention import MATMUL_ATTR
-    from lowbit.quant.quantize import QuantModuleMixin
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    student, report = _load_student(run_dir)
+    student, config, qmap = _load_student(run_dir)
     fp16_total = _fp16_bytes(student)
     layers = pack_model_(student)
+    method_name = config.get("method", {}).get("name")
+    not_packable = packable(method_name, config["bits"].get("name"))
 
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     out_dir = run_dir / PACKED_DIR
@@ -279,10 +426,8 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
                         if t.is_floating_point() and not k.startswith(layer_prefixes)
                         and k not in named_q)
     attention = sorted(n for n, m in student.named_modules() if hasattr(m, MATMUL_ATTR))
-    fp_layers = {r.name: r.reason for r in report.kept_fp}
-    fp_layers.update({n: "plain layer (not quantized)" for n, m in student.named_modules()
-                      if isinstance(m, nn.Linear | nn.Conv2d) and not isinstance(m, QuantModuleMixin)
-                      and n not in fp_layers})
+    fp_layers = _fp_layer_reasons(student, config["bits"], list(layers))
+    fake_why = Counter(r["why"] for r in layers.values() if r["mode"] == "fake_quant")
 
     modes = Counter(r["mode"] for r in layers.values())
     kernels = Counter(r["kernel"] for r in layers.values() if r["kernel"])
@@ -304,6 +449,8 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
                    "fake_quant": modes.get("fake_quant", 0), "fp": len(fp_layers)},
         "kernels": dict(sorted(kernels.items())),
         "attention_matmuls": {"mode": "fake_quant", "modules": len(attention)},
+        "fake_quant_why": dict(fake_why),
+        "not_packable": not_packable,
     }
     manifest = {
         **summary,
@@ -323,6 +470,7 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
         "layers": layers,
         "fp_layers": fp_layers,
         "fp_tensors": fp_tensors,
+        "quant_map": qmap,
         "attention": {
             "mode": "fake_quant", "modules": attention,
             "why": "Q·Kᵀ and softmax·V are activation×activation matmuls; their Q/K/V/softmax "
@@ -366,7 +514,11 @@ def load_packed(run_dir: str | Path, device: str | torch.device | None = None,
     if verify_checksum and _sha256(path) != manifest.get("sha256"):
         raise ValueError(f"{path} is corrupt (sha256 differs from {MANIFEST}). {fix}")
     tensors = _load_safetensors(path, fix)
-    model, _ = _build_fake_quant(manifest["config"])
+    qmap = manifest.get("quant_map")
+    if qmap is None:  # exported before manifests carried the map: a ptq run, quantize_ replays it
+        model = _build_fake_quant(manifest["config"])
+    else:
+        model = _rebuild(manifest["config"], qmap, f"{run_dir / PACKED_DIR / MANIFEST}", fix)
     for name, rec in manifest["layers"].items():
         if rec["mode"] not in ("int", "weight_only"):
             continue
@@ -407,6 +559,10 @@ def format_sizes(summary: dict[str, Any]) -> str:
                  f"{summary['attention_matmuls']['modules']} fake-quant")
     lines.append(f"  fake-quant student.safetensors: "
                  f"{s['total']['fake_quant_student_bytes'] / MB:.3f} MB")
+    for why, count in summary.get("fake_quant_why", {}).items():
+        lines.append(f"  fake-quant ({count}): {why}")
+    if summary.get("not_packable"):
+        lines.append(f"  note: {summary['not_packable']}")
     return "\n".join(lines)
 
 

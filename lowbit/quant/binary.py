@@ -28,6 +28,7 @@ plus BiDM's optional learnable scaling ``K = k ∗ mean_c|x|`` and a real-valued
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modules import QuantConv2d, QuantLinear, QuantModuleMixin
+from .qmap import build_quant_layer, describe_quant_layer, register_module_class
 
 WEIGHT_KINDS = ("xnor", "sign", "ebb")
 ACT_KINDS = ("keep", "sign", "rsign")
@@ -247,7 +249,7 @@ class ActBinarizer(Binarizer):
         super().__init__(name)
         if ste not in ("clip", "quad"):
             raise ValueError(f"ActBinarizer ste={ste!r}: choose clip or quad")
-        self.channel_axis = channel_axis
+        self.channels, self.channel_axis = int(channels), channel_axis
         self.ste = ste
         self.threshold = nn.Parameter(torch.zeros(channels)) if threshold else None
 
@@ -500,3 +502,52 @@ def binarize_(model: nn.Module, spec_for: SpecFn | BinarySpec) -> list[str]:
 
 def ebb_binarizers(model: nn.Module) -> list[EBBWeightBinarizer]:
     return [m for m in model.modules() if isinstance(m, EBBWeightBinarizer)]
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization map (lowbit.quant.qmap): how each class is described and rebuilt
+# ------------------------------------------------------------------------------------------------
+def _enabled(q: Binarizer, spec: dict) -> Binarizer:
+    q.enabled = bool(spec.get("enabled", True))
+    return q
+
+
+register_module_class(
+    SignWeightBinarizer,
+    describe=lambda q: {"out_channels": int(q.alpha.numel()) if q.learnable else 0,
+                        "learnable": q.learnable, "name": q.name, "enabled": q.enabled},
+    build=lambda _e, s, _c: _enabled(SignWeightBinarizer(
+        torch.zeros(max(1, int(s["out_channels"])), 1), bool(s["learnable"]), str(s["name"])), s))
+register_module_class(
+    EBBWeightBinarizer,
+    describe=lambda q: {"out_channels": int(q.sigma1.numel()), "name": q.name,
+                        "enabled": q.enabled},
+    build=lambda _e, s, _c: _enabled(EBBWeightBinarizer(
+        torch.zeros(int(s["out_channels"]), 1), str(s["name"])), s))
+register_module_class(
+    ActBinarizer,
+    describe=lambda q: {"channels": q.channels, "channel_axis": q.channel_axis,
+                        "threshold": q.threshold is not None, "ste": q.ste, "name": q.name,
+                        "enabled": q.enabled},
+    build=lambda _e, s, _c: _enabled(ActBinarizer(
+        int(s["channels"]), int(s["channel_axis"]), bool(s["threshold"]), str(s["ste"]),
+        str(s["name"])), s))
+
+
+def _describe_binary_layer(m: BinaryConv2d | BinaryLinear) -> dict:
+    return {**describe_quant_layer(m), "binary": dataclasses.asdict(m.binary_spec)}
+
+
+def _binary_builder(cls: type, base: type):
+    def build(existing, spec, _ctx):
+        q = build_quant_layer(base, existing, spec)
+        new = cls.from_quant(q, BinarySpec(**spec["binary"]))
+        new.train(q.training)
+        return new
+    return build
+
+
+register_module_class(BinaryConv2d, describe=_describe_binary_layer,
+                      build=_binary_builder(BinaryConv2d, QuantConv2d))
+register_module_class(BinaryLinear, describe=_describe_binary_layer,
+                      build=_binary_builder(BinaryLinear, QuantLinear))

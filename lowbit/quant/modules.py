@@ -10,6 +10,15 @@
 
 Methods ask for parameters by role with :meth:`QuantModuleMixin.quant_params` instead of reaching
 into quantizers.
+
+Adapter slot. A method may attach one adapter module to a quantized layer with
+:meth:`QuantModuleMixin.set_adapter` (a registered submodule named ``lora``, so its parameters are
+``<layer>.lora.*`` in the ``state_dict``) instead of changing the layer's class. The adapter says
+what it adapts with its class attribute ``adapts``:
+
+- ``"weight"``: ``delta()`` returns an update shaped like the weight; the weight quantizer sees
+  ``W₀ + delta()`` (:meth:`effective_weight`; EfficientDM's QALoRA, mergeable into W₀);
+- ``"output"``: ``adapter(x)`` is added to the layer's output (a side branch, IR-QLoRA's LoRA).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from .config import QuantSpec
 from .quantizers import UniformQuantizer
 
 ROLES = ("weight", "bias", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
+ADAPTER_ATTR = "lora"  # submodule name of the adapter slot: state_dict keys <layer>.lora.*
+ADAPTS = ("weight", "output")
 
 
 def check_role(role: str) -> None:
@@ -103,10 +114,41 @@ class QuantModuleMixin:
         key = "scale" if role.endswith("scale") else "zero_point"
         return [p for q in qs for p in q.params_by_role()[key]]
 
+    # -- adapter slot ------------------------------------------------------------------------------
+    @property
+    def adapter(self) -> nn.Module | None:
+        """The attached adapter (``<layer>.lora``), or None."""
+        return self._modules.get(ADAPTER_ATTR)
+
+    def set_adapter(self, adapter: nn.Module | None) -> None:
+        """Attach ``adapter`` (its ``adapts``: ``"weight"`` or ``"output"``), or remove it."""
+        if adapter is None:
+            self._modules.pop(ADAPTER_ATTR, None)
+            return
+        adapts = getattr(adapter, "adapts", None)
+        if adapts not in ADAPTS:
+            raise ValueError(f"{getattr(self, 'qualname', '') or type(self).__name__}: adapter "
+                             f"{type(adapter).__name__} must say what it adapts with a class "
+                             f"attribute adapts = 'weight' or 'output', got {adapts!r}.")
+        setattr(self, ADAPTER_ATTR, adapter)
+
+    def _adapter_for(self, target: str) -> nn.Module | None:
+        a = self._modules.get(ADAPTER_ATTR)
+        return a if a is not None and a.adapts == target else None
+
+    def add_output_adapter(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` plus the output adapter's side branch on the layer input ``x`` (if any)."""
+        a = self._adapter_for("output")
+        return y if a is None else y + a(x)
+
     # -- forward -----------------------------------------------------------------------------------
     def effective_weight(self) -> Tensor:
-        """The float weight the weight quantizer sees; methods may override (e.g. W₀ + BA)."""
-        return self.weight
+        """The float weight the weight quantizer sees: ``W₀``, or ``W₀ + delta()`` with a weight
+        adapter attached (EfficientDM's QALoRA merges B·A before quantization)."""
+        a = self._adapter_for("weight")
+        if a is None:
+            return self.weight
+        return self.weight + a.delta().to(self.weight.dtype)
 
     def quantized_weight(self) -> Tensor:
         parts = [q(p) for q, p in zip(self.weight_quantizers(), self.weight_parts(), strict=True)]
@@ -137,7 +179,8 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self.add_output_adapter(x, y)
 
 
 class QuantConv2d(QuantModuleMixin, nn.Conv2d):
@@ -158,7 +201,8 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self.add_output_adapter(x, y)
 
 
 def _lora_compatible_types() -> dict[type, type]:
