@@ -27,23 +27,18 @@ cross-timestep connection): the paper's ablation baseline. Not copied: the refer
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.qat_data import (
-    QATBatch,
-    QATDiffusionModule,
-    QATExtension,
-    as_tensor,
-    build_binary_student,
-    fit,
-    record_training,
-    timestep_blocks,
-)
+from lowbit.methods.base import MethodContext
+from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams
 from lowbit.quant.binary import BinarySpec
 from lowbit.quant.qmap import register_module_class
+from lowbit.train import LossTerm, NoiseSchedule, StepOutputs, as_tensor, timestep_blocks
+from lowbit.train.hparams import HParamError
 
 CTC_HOOK_ATTR = "_lowbit_cross_timestep_hook"
 
@@ -114,7 +109,9 @@ class _CrossTimestepHook:
         t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
         if t is None:
             raise ValueError("the cross-timestep connection needs the `timestep` argument")
-        x = kwargs["sample"] if "sample" in kwargs else args[0]
+        # the batch size: the first tensor argument with a batch axis (the network's input)
+        x = args[0] if args else next(v for v in kwargs.values()
+                                      if torch.is_tensor(v) and v.dim() > 1)
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
@@ -196,24 +193,28 @@ def cross_timestep_blocks(unet: nn.Module) -> list[CrossTimestepBlock]:
     return [m for m in unet.modules() if isinstance(m, CrossTimestepBlock)]
 
 
-class CrossTimestepExtension(QATExtension):
-    """Training side of the connection: a no-grad student pass at ``t + offset`` (same x₀ and
-    noise) leaves each wrapper its "previous" features before the real pass at t (samples at
-    t = T−1 have no earlier step and keep their own output)."""
+class CrossTimestepTerm(LossTerm):
+    """Training side of the connection (no loss of its own): a no-grad student pass at
+    ``t + offset`` (same x₀ and noise) leaves each wrapper its "previous" features before the
+    real pass at t (samples at t = T−1 have no earlier step and keep their own output)."""
 
     name = "ctc"
 
-    def __init__(self, student: nn.Module, offset: int) -> None:
-        super().__init__()
+    def __init__(self, student: nn.Module, offset: int, schedule: NoiseSchedule) -> None:
+        super().__init__(0.0)
         self._student = [student]  # not a submodule: the student is registered elsewhere
-        self.offset = offset
+        self.offset, self.schedule = offset, schedule
 
-    def before_student(self, module: QATDiffusionModule, b: QATBatch) -> None:
+    def before_student(self, module, batch: dict) -> None:
         student = self._student[0]
         reset_cross_timestep(student)
-        t_prev = (b.t + self.offset).clamp(max=module.num_train_timesteps - 1)
+        t_prev = (batch["t"] + self.offset).clamp(max=self.schedule.num_train_timesteps - 1)
         with torch.no_grad():
-            module.run(student, module.add_noise(b.x0, b.noise, t_prev), t_prev, b.y)
+            module.call_student(self.schedule.add_noise(batch["x0"], batch["noise"], t_prev),
+                                t_prev, batch.get("cond"))
+
+    def forward(self, out: StepOutputs) -> None:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,78 +237,96 @@ def spd_loss(student: Tensor, teacher: Tensor, p: int) -> Tensor:
     return (patch_gram(student, p) - patch_gram(teacher, p)).norm(dim=-1).mean()
 
 
-class SPDExtension(QATExtension):
+class SPDLoss(LossTerm):
+    """BiDM's Space Patched Distillation over the named block outputs (mean over blocks)."""
+
     name = "spd"
     needs_teacher = True
 
     def __init__(self, block_names: list[str], weight: float, patch_size: int) -> None:
-        super().__init__()
+        super().__init__(weight)
         self.feature_names = tuple(block_names)
-        self.weight, self.patch_size = weight, patch_size
+        self.patch_size = patch_size
 
-    def loss(self, student_feats, teacher_feats) -> Tensor | None:
-        terms = [spd_loss(as_tensor(student_feats[n]), as_tensor(teacher_feats[n]),
+    def forward(self, out: StepOutputs) -> Tensor:
+        terms = [spd_loss(as_tensor(out.student_features[n]), as_tensor(out.teacher_features[n]),
                           self.patch_size) for n in self.feature_names]
-        return self.weight * torch.stack(terms).mean()
+        return torch.stack(terms).mean()
 
 
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
-class BiDM(Method):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BiDMParams(BinaryQATParams):
+    tbs: bool = True
+    shortcut: str = "identity"
+    shortcut_init: float = 0.3
+    ctc_blocks: int = 4
+    ctc_buckets: int = 10
+    ctc_alpha: float = 0.3
+    ctc_offset: int | None = None
+    spd: bool = True
+    spd_weight: float = 1.0e-2
+    patch_size: int = 4
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.shortcut not in ("identity", "conv", "none"):
+            raise HParamError(f"{prefix}.shortcut={self.shortcut!r}: choose identity, conv or "
+                              f"none")
+        for key in ("ctc_buckets", "patch_size"):
+            if getattr(self, key) < 1:
+                raise HParamError(f"{prefix}.{key}={getattr(self, key)}: must be positive")
+
+
+class BiDM(BinaryQAT):
     name = "bidm"
+    params_class = BiDMParams
     default_ctc_blocks = 4  # conf/method/bidm.yaml; other values show in the label
     default_patch_size = 4
 
     @property
     def label(self) -> str:
-        c, parts = self.cfg, []
-        if not c.get("tbs", True):
+        p, parts = self.params, []
+        if not p.tbs:
             parts.append("no-tbs")
-        elif int(c.get("ctc_blocks", self.default_ctc_blocks)) != self.default_ctc_blocks:
-            parts.append(f"ctc_blocks={int(c.ctc_blocks)}")
-        if not c.get("spd", True):
+        elif p.ctc_blocks != self.default_ctc_blocks:
+            parts.append(f"ctc_blocks={p.ctc_blocks}")
+        if not p.spd:
             parts.append("no-spd")
-        elif int(c.get("patch_size", self.default_patch_size)) != self.default_patch_size:
-            parts.append(f"patch={int(c.patch_size)}")
+        elif p.patch_size != self.default_patch_size:
+            parts.append(f"patch={p.patch_size}")
         return self.name if not parts else f"{self.name}({','.join(parts)})"
 
     def binary_spec(self) -> BinarySpec:
-        if not self.cfg.tbs:
+        p = self.params
+        if not p.tbs:
             return BinarySpec(weight="xnor", act="sign")
-        return BinarySpec(weight="xnor", act="rsign", scaling=True, shortcut=str(self.cfg.shortcut),
-                          shortcut_init=float(self.cfg.shortcut_init))
+        return BinarySpec(weight="xnor", act="rsign", scaling=True, shortcut=p.shortcut,
+                          shortcut_init=p.shortcut_init)
 
     def ctc_offset(self, ctx: MethodContext, num_train_timesteps: int) -> int:
         """Training's t → previous-step gap: ``method.ctc_offset``, or by default the gap of the
         evaluation sampler (T / steps), the gap the carried features have when sampling."""
-        off = self.cfg.get("ctc_offset")
-        if off is not None:
-            return int(off)
+        if self.params.ctc_offset is not None:
+            return self.params.ctc_offset
         return max(1, num_train_timesteps // int(ctx.cfg.sampler.steps))
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        c = self.cfg
+        p = self.params
         blocks = timestep_blocks(teacher)
-        student = build_binary_student(teacher, ctx, self.binary_spec(),
-                                       calib_batches=int(c.calib_batches))
-        module_T = int(ctx.loaded.noise_schedule.get("num_train_timesteps", 1000))
-        extensions: list[QATExtension] = []
-        if c.tbs and int(c.ctc_blocks) > 0:
-            attach_cross_timestep(student, int(c.ctc_blocks), int(c.ctc_buckets),
-                                  float(c.ctc_alpha), module_T)
-            extensions.append(CrossTimestepExtension(student, self.ctc_offset(ctx, module_T)))
-        if c.spd:
-            extensions.append(SPDExtension([b.output for b in blocks], float(c.spd_weight),
-                                           int(c.patch_size)))
-        module = QATDiffusionModule(
-            student, teacher, ctx.loaded.noise_schedule, ctx.loaded.null_class, extensions,
-            lr=float(c.lr), scale_lr=float(c.scale_lr), max_steps=int(c.steps),
-            p_uncond=float(c.p_uncond),
-            kd_weight=float(c.kd_weight))
-        info = fit(module, ctx, int(c.steps), int(c.batch_size), int(c.checkpoint_every))
+        student = self.binary_student(teacher, ctx, self.binary_spec())
+        schedule = NoiseSchedule(ctx.model.noise_schedule)
+        T = schedule.num_train_timesteps
+        terms: list[LossTerm] = []
+        if p.tbs and p.ctc_blocks > 0:
+            attach_cross_timestep(student, p.ctc_blocks, p.ctc_buckets, p.ctc_alpha, T)
+            terms.append(CrossTimestepTerm(student, self.ctc_offset(ctx, T), schedule))
+        if p.spd:
+            terms.append(SPDLoss([b.output for b in blocks], p.spd_weight, p.patch_size))
+        self.train(student, teacher, ctx, terms)
         reset_cross_timestep(student)
         ctx.report["cross_timestep_blocks"] = len(cross_timestep_blocks(student))
-        record_training(ctx, info, student, teacher)
-        reset_cross_timestep(student)
+        student.requires_grad_(False)
         return student.eval()

@@ -10,44 +10,46 @@ the same QAT loop and steps as BinaryDM/BiDM (diffusion loss on real images, no 
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.qat_data import (
-    QATDiffusionModule,
-    build_binary_student,
-    fit,
-    quant_config,
-    record_training,
-)
+from lowbit.methods.base import MethodContext
+from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams
+from lowbit.methods.ptq import quant_config
 from lowbit.quant.binary import BinarySpec
+from lowbit.train.hparams import HParamError
 
 VARIANTS = ("xnor", "react")
 
 
-class BinaryBaseline(Method):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BinaryBaselineParams(BinaryQATParams):
+    variant: str = "xnor"
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.variant not in VARIANTS:
+            raise HParamError(f"{prefix}.variant={self.variant!r}: choose one of "
+                              f"{', '.join(VARIANTS)}")
+
+
+class BinaryBaseline(BinaryQAT):
     name = "binary_baseline"
+    params_class = BinaryBaselineParams
 
     @property
     def label(self) -> str:
-        return str(self.cfg.variant)
+        return self.params.variant
 
     def spec(self, act_bits: int | None) -> BinarySpec:
-        variant = str(self.cfg.variant)
-        if variant not in VARIANTS:
-            raise ValueError(f"method.variant={variant!r}: choose one of {', '.join(VARIANTS)}")
+        variant = self.params.variant
         act = "keep" if act_bits != 1 else ("rsign" if variant == "react" else "sign")
         return BinarySpec(weight="xnor", act=act)
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        c = self.cfg
-        spec = self.spec(quant_config(ctx).act.bits)
-        student = build_binary_student(teacher, ctx, spec, calib_batches=int(c.calib_batches))
-        module = QATDiffusionModule(
-            student, teacher, ctx.loaded.noise_schedule, ctx.loaded.null_class, [],
-            lr=float(c.lr), scale_lr=float(c.scale_lr), max_steps=int(c.steps),
-            p_uncond=float(c.p_uncond),
-            kd_weight=float(c.kd_weight))
-        info = fit(module, ctx, int(c.steps), int(c.batch_size), int(c.checkpoint_every))
-        record_training(ctx, info, student, teacher)
+        spec = self.spec(quant_config(ctx.cfg).act.bits)
+        student = self.binary_student(teacher, ctx, spec)
+        self.train(student, teacher, ctx)
+        student.requires_grad_(False)
         return student.eval()

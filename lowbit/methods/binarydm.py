@@ -9,9 +9,10 @@
   analysed once by PCA over the **channel** axis (every spatial position of every sample is one
   C-dimensional observation); student and teacher outputs are projected on the top ``C/4``
   principal directions and their MSE, weight 1e-4, is added to the task loss. The bases are
-  buffers of the Lightning module, so the checkpoint stores them and resume reuses them.
-- QAT from the FP weights with the diffusion loss on real images (:mod:`lowbit.methods.qat_data`);
-  activations at the bits' quantizer (4-bit LSQ for W1A4), input/output layers at 8 bits.
+  buffers of the loss term, so the checkpoint stores them and resume reuses them.
+- QAT from the FP weights with the diffusion loss on real images
+  (:mod:`lowbit.methods.binary_qat`); activations at the bits' quantizer (4-bit LSQ for W1A4),
+  input/output layers at 8 bits.
 
 Not copied from the reference code: the activation quantizer that re-initialised its step every
 forward, PCA over the width axis, the missing σ₂ regulariser.
@@ -19,23 +20,27 @@ forward, PCA over the width axis, the missing σ₂ regulariser.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.qat_data import (
-    QATDiffusionModule,
-    QATExtension,
+from lowbit.methods.base import MethodContext
+from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams, real_images
+from lowbit.models.adapter import Denoiser
+from lowbit.quant.binary import BinarySpec, EBBWeightBinarizer, ebb_binarizers
+from lowbit.train import (
+    LossTerm,
+    StepOutputs,
     TimestepBlock,
     as_tensor,
-    build_binary_student,
-    fit,
     real_calibration_batches,
-    record_training,
+    tapped,
     timestep_blocks,
 )
-from lowbit.quant.binary import BinarySpec, EBBWeightBinarizer, ebb_binarizers
+from lowbit.train.hparams import HParamError
 
 
 def ebb_block_set(blocks: list[TimestepBlock], n: int) -> list[TimestepBlock]:
@@ -44,26 +49,31 @@ def ebb_block_set(blocks: list[TimestepBlock], n: int) -> list[TimestepBlock]:
     return blocks[:n] + [b for b in blocks[len(blocks) - n:] if b not in blocks[:n]]
 
 
-class EBBExtension(QATExtension):
-    """σ₂ regulariser ``τ·mean|σ₂|`` over all EBB binarizers, and the stage switch."""
+class EBBRegularizer(LossTerm):
+    """σ₂ regulariser ``mean|σ₂|`` over all EBB binarizers (weight τ), and the stage switch at
+    ``switch_at`` · max_steps."""
 
     name = "ebb_reg"
 
     def __init__(self, binarizers: list[EBBWeightBinarizer], tau: float, switch_at: float) -> None:
-        super().__init__()
+        super().__init__(tau)
         self._binarizers = binarizers  # plain list: they belong to the student, not to this term
-        self.tau, self.switch_at = tau, switch_at
+        self.switch_at = switch_at
+
+    @property
+    def tau(self) -> float:
+        return self.weight
 
     def on_step(self, step: int, max_steps: int) -> None:
         if step >= self.switch_at * max_steps and any(int(b.stage) == 1 for b in self._binarizers):
             for b in self._binarizers:
                 b.switch_stage()
 
-    def loss(self, student_feats, teacher_feats) -> Tensor | None:
+    def forward(self, out: StepOutputs) -> Tensor | None:
         active = [b.sigma2 for b in self._binarizers if int(b.stage) == 1]
         if not active:
             return None
-        return self.tau * torch.cat([s.abs() for s in active]).mean()
+        return torch.cat([s.abs() for s in active]).mean()
 
 
 @torch.no_grad()
@@ -86,17 +96,17 @@ def project(features: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
     return (f - mean) @ basis
 
 
-class LRMExtension(QATExtension):
-    """BinaryDM's Low-rank Representation Mimicking (PCA bases as buffers ``mean_i``/``basis_i``)."""
+class LRMLoss(LossTerm):
+    """BinaryDM's Low-rank Representation Mimicking (PCA bases as buffers ``mean_i``/``basis_i``):
+    Σ over blocks of the MSE between projected student and teacher features."""
 
     name = "lrm"
     needs_teacher = True
 
     def __init__(self, block_names: list[str], channels: list[int], weight: float,
                  rank_div: int = 4) -> None:
-        super().__init__()
+        super().__init__(weight)
         self.feature_names = tuple(block_names)
-        self.weight = weight
         for i, c in enumerate(channels):
             r = max(1, c // rank_div)
             self.register_buffer(f"mean_{i}", torch.zeros(c))
@@ -104,18 +114,16 @@ class LRMExtension(QATExtension):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def fit_pca(self, teacher: nn.Module, batches) -> None:
-        """Compute the bases once from the teacher's block outputs on ``batches``."""
+    def fit_pca(self, denoiser: Denoiser, teacher: nn.Module,
+                batches: Iterable[dict[str, Tensor]]) -> None:
+        """Compute the bases once from the teacher's block outputs on ``batches`` (network
+        kwargs, e.g. :func:`~lowbit.train.data.real_calibration_batches`)."""
         feats: dict[str, list[Tensor]] = {n: [] for n in self.feature_names}
-        handles = [teacher.get_submodule(n).register_forward_hook(
-            lambda _m, _a, out, n=n: feats[n].append(as_tensor(out).detach()))
-            for n in self.feature_names]
-        try:
+        with tapped(teacher, self.feature_names) as tap:
             for b in batches:
-                teacher(**b)
-        finally:
-            for h in handles:
-                h.remove()
+                denoiser.output_eps(teacher(**b))
+                for n in self.feature_names:
+                    feats[n].append(tap.features[n].detach())
         for i, n in enumerate(self.feature_names):
             basis = getattr(self, f"basis_{i}")
             mean, v = channel_pca(torch.cat(feats[n]), basis.shape[1])
@@ -123,81 +131,102 @@ class LRMExtension(QATExtension):
             basis.copy_(v)
         self.fitted.fill_(True)
 
-    def loss(self, student_feats, teacher_feats) -> Tensor | None:
+    def forward(self, out: StepOutputs) -> Tensor:
         terms = []
         for i, n in enumerate(self.feature_names):
             mean, basis = getattr(self, f"mean_{i}"), getattr(self, f"basis_{i}")
-            terms.append(F.mse_loss(project(student_feats[n], mean, basis),
-                                    project(teacher_feats[n], mean, basis)))
-        return self.weight * torch.stack(terms).sum()
+            terms.append(F.mse_loss(project(out.student_features[n], mean, basis),
+                                    project(out.teacher_features[n], mean, basis)))
+        return torch.stack(terms).sum()
 
 
-def _block_channels(unet: nn.Module, loaded, names: list[str]) -> list[int]:
-    """Output channels of the named blocks, from one small teacher pass."""
-    from lowbit.metrics.cost import example_inputs
-
-    chans: dict[str, int] = {}
-    handles = [unet.get_submodule(n).register_forward_hook(
-        lambda _m, _a, out, n=n: chans.__setitem__(n, as_tensor(out).shape[1])) for n in names]
-    try:
-        with torch.no_grad():
-            unet(**example_inputs(loaded, next(unet.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [chans[n] for n in names]
+@torch.no_grad()
+def block_channels(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list[int]:
+    """Output channels of the named blocks, from one one-sample forward of ``net``."""
+    device = next(net.parameters()).device
+    x = torch.zeros((1, *denoiser.sample_shape), device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    cond = denoiser.make_cond(None, 1) if denoiser.conditioning != "text" else \
+        denoiser.null_cond(1, device)
+    cond = cond.to(device) if cond is not None else None
+    with tapped(net, names) as tap:
+        denoiser.call(net, x, t, cond)
+    return [as_tensor(tap.features[n]).shape[1] for n in names]
 
 
-class BinaryDM(Method):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BinaryDMParams(BinaryQATParams):
+    ebb: bool = True
+    ebb_blocks: int = 2
+    ebb_tau: float = 0.09
+    ebb_switch: float = 0.5
+    lrm: bool = True
+    lrm_weight: float = 1.0e-4
+    lrm_rank_div: int = 4
+    lrm_samples: int = 256
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if not 0.0 <= self.ebb_switch <= 1.0:
+            raise HParamError(f"{prefix}.ebb_switch={self.ebb_switch}: a fraction of the steps")
+        for key in ("lrm_rank_div", "lrm_samples"):
+            if getattr(self, key) < 1:
+                raise HParamError(f"{prefix}.{key}={getattr(self, key)}: must be positive")
+
+
+class BinaryDM(BinaryQAT):
     name = "binarydm"
+    params_class = BinaryDMParams
     default_ebb_blocks = 2  # conf/method/binarydm.yaml; other values show in the label
 
     @property
     def label(self) -> str:
-        c, parts = self.cfg, []
-        if not c.get("ebb", True):
+        p, parts = self.params, []
+        if not p.ebb:
             parts.append("no-ebb")
-        elif int(c.get("ebb_blocks", self.default_ebb_blocks)) != self.default_ebb_blocks:
-            parts.append(f"ebb_blocks={int(c.ebb_blocks)}")
-        if not c.get("lrm", True):
+        elif p.ebb_blocks != self.default_ebb_blocks:
+            parts.append(f"ebb_blocks={p.ebb_blocks}")
+        if not p.lrm:
             parts.append("no-lrm")
         return self.name if not parts else f"{self.name}({','.join(parts)})"
 
     def spec_for(self, blocks: list[TimestepBlock]):
-        head_tail = ebb_block_set(blocks, int(self.cfg.ebb_blocks)) if self.cfg.ebb else []
+        head_tail = ebb_block_set(blocks, self.params.ebb_blocks) if self.params.ebb else []
 
         def fn(name: str, _m: nn.Module) -> BinarySpec:
             ebb = any(b.contains(name) for b in head_tail)
             return BinarySpec(weight="ebb" if ebb else "sign", act="keep")
         return fn
 
+    def lrm_term(self, teacher: nn.Module, ctx: MethodContext,
+                 blocks: list[TimestepBlock]) -> LRMLoss:
+        """LRM with its bases fitted on ``lrm_samples`` noised real images (seed stream
+        ``binarydm/lrm_pca``)."""
+        p = self.params
+        names = [b.output for b in blocks]
+        lrm = LRMLoss(names, block_channels(ctx.model, teacher, names), p.lrm_weight,
+                      p.lrm_rank_div)
+        images, labels = real_images(ctx, p.train_split)
+        lrm.fit_pca(ctx.model, teacher, real_calibration_batches(
+            ctx.model, images, labels, p.lrm_samples, 64, seed=int(ctx.cfg.seed),
+            stream="binarydm/lrm_pca"))
+        return lrm
+
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        c = self.cfg
+        p = self.params
         blocks = timestep_blocks(teacher)
-        student = build_binary_student(teacher, ctx, self.spec_for(blocks),
-                                       calib_batches=int(c.calib_batches))
-        extensions: list = []
+        student = self.binary_student(teacher, ctx, self.spec_for(blocks))
+        terms: list[LossTerm] = []
         ebbs = ebb_binarizers(student)
-        if c.ebb:
-            extensions.append(EBBExtension(ebbs, float(c.ebb_tau), float(c.ebb_switch)))
-        if c.lrm:
-            names = [b.output for b in blocks]
-            lrm = LRMExtension(names, _block_channels(teacher, ctx.loaded, names),
-                               float(c.lrm_weight), int(c.lrm_rank_div))
-            n_batches = max(1, int(c.lrm_samples) // 64)
-            lrm.fit_pca(teacher, real_calibration_batches(
-                ctx.loaded.noise_schedule, ctx.loaded.null_class, n_batches=n_batches,
-                batch_size=64, seed=int(ctx.cfg.seed) + 20_000))
-            extensions.append(lrm)
-        module = QATDiffusionModule(
-            student, teacher, ctx.loaded.noise_schedule, ctx.loaded.null_class, extensions,
-            lr=float(c.lr), scale_lr=float(c.scale_lr), max_steps=int(c.steps),
-            p_uncond=float(c.p_uncond),
-            kd_weight=float(c.kd_weight))
-        info = fit(module, ctx, int(c.steps), int(c.batch_size), int(c.checkpoint_every))
+        if p.ebb:
+            terms.append(EBBRegularizer(ebbs, p.ebb_tau, p.ebb_switch))
+        if p.lrm:
+            terms.append(self.lrm_term(teacher, ctx, blocks))
+        # EBB's σ₂ keeps lr: its regulariser must drive it to 0 before the stage switch
+        self.train(student, teacher, ctx, terms, keep_lr=[b.sigma2 for b in ebbs])
         for b in ebbs:  # a run shorter than the switch point still ends purely 1-bit
             b.switch_stage()
         ctx.report["ebb_layers"] = sum(isinstance(q, EBBWeightBinarizer)
                                        for q in student.modules())
-        record_training(ctx, info, student, teacher)
+        student.requires_grad_(False)
         return student.eval()

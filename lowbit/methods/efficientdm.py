@@ -13,13 +13,12 @@
   (``interp: linear``, the paper) instead of the code's ``[::5]`` subsampling.
 - **Loss**: MSE between the student's and the FP model's guided ε at each step of an FP
   trajectory from pure noise; the trajectory advances with the FP prediction; one optimiser step
-  per denoising step (:class:`~lowbit.methods.distill.FPTrajectoryStream`). The timestep comes
+  per denoising step (:class:`~lowbit.train.data.FPTrajectoryStream`). The timestep comes
   from the model's ``timestep`` argument, not a decrementing call counter.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import logging
@@ -28,24 +27,32 @@ import time
 from collections.abc import Sequence
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.distill import (
-    DistillationModule,
+from lowbit.methods.ptq import (
+    CalibParams,
+    calibration_set,
+    prompt_pool,
+    quant_config,
+    sampler_config,
+)
+from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin
+from lowbit.quant.qmap import register_module_class
+from lowbit.train import (
     FPTrajectoryData,
     FPTrajectoryStream,
     ParamGroup,
-    fit_distillation,
+    StudentModule,
+    TeacherMSE,
+    build_student,
+    derive_seed,
+    fit,
     param_group,
-    quantized_student,
     select_params,
     trainable_share,
 )
-from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
-from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin, model_size
-from lowbit.quant.qmap import register_module_class
+from lowbit.train.hparams import HParamError, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -147,109 +154,129 @@ def mean_weight_step(module: QuantModuleMixin) -> float:
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EfficientDMParams(CalibParams, TrainParams):
+    trajectory_steps: int | None = None  # sampler steps of the training trajectories
+    weight_decay: float = 0.0
+    rank: int = 32
+    alpha: float | None = None
+    lora_exclude: tuple[str, ...] = ()
+    scale_aware: bool = True
+    lora_lr_div: float = 2500.0
+    lora_lr: float = 1.0e-4
+    weight_step_lr: float = 1.0e-6
+    train_weight_zero_point: bool = True
+    talsq: bool = True
+    act_lr: float = 5.0e-4
+    act_param_exclude: tuple[str, ...] = ()
+    interp: str = "linear"
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.rank < 1:
+            raise HParamError(f"{prefix}.rank={self.rank}: must be positive")
+        if self.trajectory_steps is not None and self.trajectory_steps < 1:
+            raise HParamError(f"{prefix}.trajectory_steps={self.trajectory_steps}: a positive "
+                              f"step count, or null for the evaluation sampler's")
+
+
 class EfficientDM(Method):
     name = "efficientdm"
+    params_class: type[EfficientDMParams] = EfficientDMParams
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.params = self.params_class.from_cfg(cfg)
 
     @property
     def label(self) -> str:
-        c = self.cfg
+        p = self.params
         opts = []
-        if int(c.rank) != 32:
-            opts.append(f"r{int(c.rank)}")
-        if not c.scale_aware:
+        if p.rank != 32:
+            opts.append(f"r{p.rank}")
+        if not p.scale_aware:
             opts.append("-scale_aware")
-        if not c.talsq:
+        if not p.talsq:
             opts.append("-talsq")
         return self.name + (f"({','.join(opts)})" if opts else "")
 
     def train_sampler(self, ctx: MethodContext):
-        """The FP sampler of the training trajectories (``train_steps`` steps, default: the
+        """The FP sampler of the training trajectories (``trajectory_steps`` steps, default: the
         evaluation sampler's)."""
         s = sampler_config(ctx.cfg)
-        steps = self.cfg.get("train_steps")
-        return dataclasses.replace(s, steps=int(steps)) if steps else s
+        steps = self.params.trajectory_steps
+        return dataclasses.replace(s, steps=steps) if steps else s
 
     def adapt_(self, student: nn.Module) -> list[str]:
         """Attach the QALoRAs; returns the adapted layers' names."""
-        c = self.cfg
-        return add_lora_(student, int(c.rank), c.get("alpha"), exclude=list(c.lora_exclude))
+        p = self.params
+        return add_lora_(student, p.rank, p.alpha, exclude=list(p.lora_exclude))
 
     def param_groups(self, student: nn.Module, lora_layers: list[str]) -> list[ParamGroup]:
-        c = self.cfg
+        p = self.params
         mods = dict(student.named_modules())
         groups: list[ParamGroup] = []
-        if c.scale_aware:
+        if p.scale_aware:
             # EfficientDM's scale-aware LoRA: per-layer lr = mean(Δ_w) / div
             for name in lora_layers:
-                lr = mean_weight_step(mods[name]) / float(c.lora_lr_div)
+                lr = mean_weight_step(mods[name]) / p.lora_lr_div
                 groups.append(ParamGroup(f"lora/{name}", select_params(student, "lora", [name]),
-                                         lr, float(c.weight_decay)))
+                                         lr, p.weight_decay))
         else:
-            groups.append(param_group(student, "lora", "lora", float(c.lora_lr),
-                                      weight_decay=float(c.weight_decay)))
+            groups.append(param_group(student, "lora", "lora", p.lora_lr,
+                                      weight_decay=p.weight_decay))
         wq = list(lora_layers)  # learnable weight Δ/zero point of the QALoRA layers
-        groups.append(param_group(student, "weight_scale", "weight_scale", float(c.weight_step_lr),
-                                  wq))
-        if c.train_weight_zero_point:
+        groups.append(param_group(student, "weight_scale", "weight_scale", p.weight_step_lr, wq))
+        if p.train_weight_zero_point:
             groups.append(param_group(student, "weight_zero_point", "weight_zero_point",
-                                      float(c.weight_step_lr), wq, allow_empty=True))
+                                      p.weight_step_lr, wq, allow_empty=True))
         groups += self.act_groups(student)
         return [g for g in groups if g.params]
 
     def act_groups(self, student: nn.Module) -> list[ParamGroup]:
         """TALSQ: the activation Δ and zero points (per step) learn at ``act_lr``."""
-        c, groups = self.cfg, []
-        if c.talsq:
-            ex = list(c.act_param_exclude)
-            groups.append(param_group(student, "act_scale", "act_scale", float(c.act_lr),
+        p, groups = self.params, []
+        if p.talsq:
+            ex = list(p.act_param_exclude)
+            groups.append(param_group(student, "act_scale", "act_scale", p.act_lr,
                                       param_exclude=ex))
-            groups.append(param_group(student, "act_zero_point", "act_zero_point",
-                                      float(c.act_lr), param_exclude=ex, allow_empty=True))
+            groups.append(param_group(student, "act_zero_point", "act_zero_point", p.act_lr,
+                                      param_exclude=ex, allow_empty=True))
         return [g for g in groups if g.params]
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        c = self.cfg
+        p = self.params
+        seed = int(ctx.cfg.seed)
         train_sampler = self.train_sampler(ctx)
         qcfg = quant_config(ctx.cfg)
-        if c.talsq:  # TALSQ: one Δ/zero point per sampling step of the training schedule
-            qcfg = qcfg.with_overrides({"act": {"timestep_aware": True, "interp": str(c.interp)}})
+        if p.talsq:  # TALSQ: one Δ/zero point per sampling step of the training schedule
+            qcfg = qcfg.with_overrides({"act": {"timestep_aware": True, "interp": p.interp}})
         t0 = time.perf_counter()
-        cal_ctx = ctx
-        if train_sampler.steps != int(ctx.cfg.sampler.steps):
-            cal_cfg = ctx.cfg.copy()
-            cal_cfg.sampler.steps = train_sampler.steps
-            cal_ctx = copy.copy(ctx)
-            cal_ctx.cfg = cal_cfg
-        traj = calibration_set(cal_ctx, teacher, int(c.calib_n), int(c.calib_steps))
+        traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps, train_sampler)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
-        student, info = quantized_student(teacher, qcfg, traj, int(c.calib_batch),
-                                          int(c.max_samples))
-        ctx.cost["calib_s"] = info.pop("calib_s")
-        ctx.report.update(info)
+        student, info = build_student(teacher, qcfg, traj.batches(p.calib_batch_size),
+                                      max_samples=p.max_samples)
+        ctx.cost["calib_s"] = info.calib_s
+        ctx.report.update(info.report())
 
-        torch.manual_seed(int(ctx.cfg.seed))  # LoRA A init (also restored by a resumed run)
-        adapted = self.adapt_(student)
+        with torch.random.fork_rng(devices=[]):  # LoRA A init from its own stream
+            torch.manual_seed(derive_seed(seed, f"{self.name}/lora_init"))
+            adapted = self.adapt_(student)
         groups = self.param_groups(student, adapted)
-        steps = int(c.steps)
-        module = DistillationModule(student, teacher, groups, max_steps=steps,
-                                    guidance_scale=float(train_sampler.guidance_scale),
-                                    optimizer="adamw", schedule=str(c.schedule),
-                                    grad_clip=c.get("grad_clip"))
-        stream = FPTrajectoryStream(teacher, ctx.loaded, train_sampler, int(c.batch_size),
-                                    seed=int(ctx.cfg.seed) + 20_000)
-        stats = fit_distillation(module, FPTrajectoryData(stream), ctx.cfg.trainer,
-                                 ctx.output_dir / "checkpoints", max_steps=steps,
-                                 resume=bool(ctx.cfg.get("resume")),
-                                 epoch_steps=int(c.ckpt_every),
-                                 log_dir=ctx.output_dir / "train_logs")
+        module = StudentModule(student, teacher, ctx.model, groups,
+                               [TeacherMSE(guidance_scale=train_sampler.guidance_scale)],
+                               max_steps=p.steps, optimizer=p.build_optimizer(),
+                               scheduler=p.build_scheduler(), grad_clip=p.grad_clip)
+        stream = FPTrajectoryStream(ctx.model.with_net(teacher), train_sampler, p.batch_size,
+                                    seed=seed, stream="fp_trajectories",
+                                    conditions=prompt_pool(ctx))
+        stats = fit(module, FPTrajectoryData(stream), ctx, max_steps=p.steps,
+                    checkpoint_every=p.checkpoint_every)
         n_train = module.trainable_params
         merged = merge_lora_(student)  # only Ŵ is kept (no inference cost)
         student.requires_grad_(False)
         ctx.cost.update(finetune_s=stats.seconds, trainable_params=n_train,
                         trainable_share=trainable_share(n_train, teacher))
-        size = model_size(student)
-        ctx.cost["size_mb"] = size.total_mb
-        ctx.report["size"] = size.to_dict()
         ctx.report["finetune"] = {"fit": stats.to_dict(), "adapted_layers": len(adapted),
-                                  "merged": merged, "config": OmegaConf.to_container(c)}
+                                  "merged": merged, "config": p.to_dict()}
         return student.eval()

@@ -2,7 +2,7 @@
 
 An LLM method: frozen low-bit base weights (NF or integer grid, blocks of 64) plus a LoRA trained
 on top, with two information-retention parts. Here the LoRA is trained by data-free distillation
-on FP sampling trajectories exactly as EfficientDM's QALoRA is (:mod:`lowbit.methods.distill`:
+on FP sampling trajectories exactly as EfficientDM's QALoRA is (:mod:`lowbit.train`:
 MSE to the FP model's guided ε along FP trajectories, one optimiser step per denoising step), so
 the two are comparable at the same weight bits.
 
@@ -21,28 +21,30 @@ the two are comparable at the same weight bits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import time
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.distill import (
-    DistillationModule,
+from lowbit.methods.ptq import prompt_pool, quant_config, sampler_config
+from lowbit.quant import QuantConv2d, QuantLinear
+from lowbit.quant.binary import channel_map
+from lowbit.quant.qmap import register_module_class
+from lowbit.train import (
     FPTrajectoryData,
     FPTrajectoryStream,
-    fit_distillation,
+    StudentModule,
+    TeacherMSE,
+    build_student,
+    fit,
     param_group,
     trainable_share,
 )
-from lowbit.methods.ptq import quant_config, sampler_config
-from lowbit.quant import QuantConv2d, QuantLinear, quantize_
-from lowbit.quant.binary import channel_map
-from lowbit.quant.qmap import register_module_class
+from lowbit.train.hparams import HParamError, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,6 @@ class BlockwiseGridQuantizer(nn.Module):
     def num_scales(self) -> int:
         return self.scale.numel() + self.center.numel()
 
-
     def params_by_role(self) -> dict[str, list[nn.Parameter]]:
         return {"scale": [self.scale], "zero_point": [self.center]}
 
@@ -328,64 +329,84 @@ def apply_irqlora_(model: nn.Module, bits: int, grid: str, rank: int, *, block: 
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IRQLoRAParams(TrainParams):
+    grid: str = "nf"
+    block: int = 64
+    icq: bool = True
+    icq_candidates: int = 201
+    icq_span: float = 0.1
+    iec: bool = True
+    rank: int = 8
+    alpha: float | None = None
+    lr: float
+    weight_decay: float = 0.0
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.grid not in GRIDS:
+            raise HParamError(f"{prefix}.grid={self.grid!r}: choose one of {', '.join(GRIDS)}")
+        for key in ("block", "icq_candidates", "rank"):
+            if getattr(self, key) < 1:
+                raise HParamError(f"{prefix}.{key}={getattr(self, key)}: must be positive")
+
+
 class IRQLoRA(Method):
     name = "irqlora"
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.params = IRQLoRAParams.from_cfg(cfg)
+
     @property
     def label(self) -> str:
-        c = self.cfg
-        parts = [str(c.grid)]
-        if not c.icq:
+        p = self.params
+        parts = [p.grid]
+        if not p.icq:
             parts.append("no-icq")
-        if not c.iec:
+        if not p.iec:
             parts.append("no-iec")
         return f"{self.name}({','.join(parts)})"
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        import copy
-
-        c = self.cfg
+        p = self.params
         qcfg = quant_config(ctx.cfg)
         if qcfg.act.enabled:
             raise ValueError(f"bits={qcfg.name}: IR-QLoRA quantizes weights only (use w4a16, "
                              f"w3a16 or w2a16)")
         # blocks of 64 run along the flattened weight, so the [h | skip] split is not used
         qcfg = qcfg.with_overrides({"split_shortcut": False})
-        student = copy.deepcopy(teacher)
-        t0 = time.perf_counter()
-        report = quantize_(student, qcfg)
-        layers = apply_irqlora_(student, int(qcfg.weight.bits), str(c.grid), int(c.rank),
-                                block=int(c.block), icq=bool(c.icq), iec=bool(c.iec),
-                                scaling=float(c.get("alpha") or c.rank) / int(c.rank),
-                                candidates=int(c.icq_candidates), span=float(c.icq_span))
-        ctx.cost["calib_s"] = time.perf_counter() - t0  # the ICQ search
-        ctx.report["quant"] = report.to_dict()
+
+        def icq(student: nn.Module) -> list[str]:
+            return apply_irqlora_(student, int(qcfg.weight.bits), p.grid, p.rank, block=p.block,
+                                  icq=p.icq, iec=p.iec, scaling=float(p.alpha or p.rank) / p.rank,
+                                  candidates=p.icq_candidates, span=p.icq_span)
+
+        # weights only: nothing to calibrate; calib_s is the ICQ search
+        student, info = build_student(teacher, qcfg, None, transform=icq)
+        layers = info.transform
+        ctx.cost["calib_s"] = info.calib_s
+        ctx.report.update(info.report())
         mods = dict(student.named_modules())
         ctx.report["code_entropy"] = float(torch.stack(
             [mods[n].weight_quantizer.entropy(mods[n].weight) for n in layers]).mean())
 
-        groups = [param_group(student, "lora", "lora", float(c.lr),
-                              weight_decay=float(c.weight_decay))]
-        steps = int(c.steps)
+        groups = [param_group(student, "lora", "lora", p.lr, weight_decay=p.weight_decay)]
         sampler = sampler_config(ctx.cfg)
-        module = DistillationModule(student, teacher, groups, max_steps=steps,
-                                    guidance_scale=float(sampler.guidance_scale),
-                                    optimizer="adamw", schedule=str(c.schedule))
-        stream = FPTrajectoryStream(teacher, ctx.loaded, sampler, int(c.batch_size),
-                                    seed=int(ctx.cfg.seed) + 20_000)  # EfficientDM's stream
-        stats = fit_distillation(module, FPTrajectoryData(stream), ctx.cfg.trainer,
-                                 ctx.output_dir / "checkpoints", max_steps=steps,
-                                 resume=bool(ctx.cfg.get("resume")),
-                                 epoch_steps=int(c.ckpt_every),
-                                 log_dir=ctx.output_dir / "train_logs")
+        module = StudentModule(student, teacher, ctx.model, groups,
+                               [TeacherMSE(guidance_scale=sampler.guidance_scale)],
+                               max_steps=p.steps, optimizer=p.build_optimizer(),
+                               scheduler=p.build_scheduler(), grad_clip=p.grad_clip)
+        # EfficientDM's data: the same stream of FP trajectories
+        stream = FPTrajectoryStream(ctx.model.with_net(teacher), sampler, p.batch_size,
+                                    seed=int(ctx.cfg.seed), stream="fp_trajectories",
+                                    conditions=prompt_pool(ctx))
+        stats = fit(module, FPTrajectoryData(stream), ctx, max_steps=p.steps,
+                    checkpoint_every=p.checkpoint_every)
         student.requires_grad_(False)
-        from lowbit.metrics.cost import model_costs
-
         n_train = module.trainable_params
-        ctx.cost.update(train_s=stats.seconds, finetune_s=stats.seconds,
-                        trainable_params=n_train,
+        ctx.cost.update(finetune_s=stats.seconds, trainable_params=n_train,
                         trainable_share=trainable_share(n_train, teacher))
-        ctx.cost.update(model_costs(student, ctx.loaded, reference=teacher))
         ctx.report["finetune"] = {"fit": stats.to_dict(), "lora_layers": len(layers),
-                                  "config": OmegaConf.to_container(c)}
+                                  "config": p.to_dict()}
         return student.eval()

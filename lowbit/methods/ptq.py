@@ -8,7 +8,7 @@ trajectories of the evaluation sampler (timestep-stratified, cond + uncond halve
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import time
 
@@ -17,10 +17,14 @@ from torch import nn
 
 from lowbit.data.trajectories import TrajectorySet, fp_trajectories
 from lowbit.methods.base import Method, MethodContext
-from lowbit.quant import QuantConfig, adaround_, calibrate_, model_size, quantize_
+from lowbit.quant import QuantConfig, adaround_
 from lowbit.sampling import SamplerConfig
+from lowbit.train import build_student, derive_seed
+from lowbit.train.hparams import HParamError, MethodParams
 
 log = logging.getLogger(__name__)
+
+RECON = ("none", "adaround")
 
 
 def sampler_config(cfg) -> SamplerConfig:
@@ -31,50 +35,85 @@ def quant_config(cfg) -> QuantConfig:
     return QuantConfig.from_dict(OmegaConf.to_container(cfg.bits, resolve=True))
 
 
-def calibration_set(ctx: MethodContext, teacher: nn.Module, calib_n: int, calib_steps: int
-                    ) -> TrajectorySet:
-    """FP trajectories of the evaluation sampler, cached under ``paths.cache_dir``."""
-    loaded = copy.copy(ctx.loaded)
-    loaded.denoiser = teacher
-    return fp_trajectories(loaded, sampler_config(ctx.cfg), n=calib_n, calib_steps=calib_steps,
-                           seed=int(ctx.cfg.seed) + 10_000,  # never the evaluation noise
-                           cache_dir=ctx.cache_dir)
+def calibration_set(ctx: MethodContext, teacher: nn.Module, calib_n: int, calib_steps: int,
+                    sampler: SamplerConfig | None = None) -> TrajectorySet:
+    """FP trajectories of ``sampler`` (default: the evaluation sampler) from the seed stream
+    ``calibration`` (never the evaluation noise), cached under ``paths.cache_dir``; conditions
+    from the dataset when there is one."""
+    conditions = ctx.dataset.conditions(calib_n) if ctx.dataset is not None else None
+    return fp_trajectories(ctx.model.with_net(teacher), sampler or sampler_config(ctx.cfg),
+                           n=calib_n, calib_steps=calib_steps,
+                           seed=derive_seed(int(ctx.cfg.seed), "calibration"),
+                           cache_dir=ctx.cache_dir, conditions=conditions)
+
+
+def prompt_pool(ctx: MethodContext, n: int = 1024) -> list[str] | None:
+    """The prompts a text-conditioned model's data-free training draws from (None otherwise)."""
+    if ctx.model.conditioning != "text" or ctx.dataset is None:
+        return None
+    return list(ctx.dataset.conditions(n))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibParams(MethodParams):
+    """Calibration on FP trajectories: ``calib_n`` samples at ``calib_steps`` kept steps, in
+    batches of ``calib_batch_size``; ``max_samples`` values per quantizer and bucket for the
+    MSE/percentile inits."""
+
+    calib_n: int
+    calib_steps: int
+    calib_batch_size: int
+    max_samples: int = 4096
+
+    def check(self, prefix: str) -> None:
+        for key in ("calib_n", "calib_steps", "calib_batch_size", "max_samples"):
+            if getattr(self, key) < 1:
+                raise HParamError(f"{prefix}.{key}={getattr(self, key)}: must be positive")
+        super().check(prefix)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PTQParams(CalibParams):
+    recon: str = "none"
+    adaround: dict = dataclasses.field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.recon not in RECON:
+            raise HParamError(f"{prefix}.recon={self.recon!r}: choose one of {', '.join(RECON)}")
 
 
 class PTQ(Method):
     name = "ptq"
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.params = PTQParams.from_cfg(cfg)
+
     @property
     def label(self) -> str:
-        recon = self.cfg.get("recon", "none")
-        return self.name if recon in (None, "none") else f"{self.name}+{recon}"
+        recon = self.params.recon
+        return self.name if recon == "none" else f"{self.name}+{recon}"
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
+        p = self.params
         qcfg = quant_config(ctx.cfg)  # bad bits fail here, before any compute
-        recon = self.cfg.get("recon", "none")
-        if recon not in (None, "none", "adaround"):
-            raise ValueError(f"method.recon={recon!r}: choose none or adaround")
         t0 = time.perf_counter()
-        traj = calibration_set(ctx, teacher, int(self.cfg.calib_n), int(self.cfg.calib_steps))
+        traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
 
-        student = copy.deepcopy(teacher)
-        report = quantize_(student, qcfg)
-        log.info("%s", report.summary())
-        t0 = time.perf_counter()
-        batch = int(self.cfg.calib_batch)
-        if recon == "adaround":
+        def reconstruct(student: nn.Module):
             # BRECQ order: weights reconstructed first, on FP activations; then activation steps
-            ar = adaround_(student, traj.batches(batch),
-                           OmegaConf.to_container(self.cfg.adaround, resolve=True),
-                           state_dir=ctx.output_dir / "adaround")
-            ctx.report["adaround"] = ar.to_dict() if hasattr(ar, "to_dict") else str(ar)
-        calib = calibrate_(student, traj.batches(batch), max_samples=int(self.cfg.max_samples))
-        ctx.cost["calib_s"] = time.perf_counter() - t0
+            return adaround_(student, traj.batches(p.calib_batch_size), dict(p.adaround),
+                             state_dir=ctx.output_dir / "adaround")
+
+        student, info = build_student(
+            teacher, qcfg, traj.batches(p.calib_batch_size), max_samples=p.max_samples,
+            transform=reconstruct if p.recon == "adaround" else None)
+        ctx.cost["calib_s"] = info.calib_s
         ctx.cost["trainable_params"] = 0
-        size = model_size(student)
-        ctx.cost["size_mb"] = size.total_mb if hasattr(size, "total_mb") else size.to_dict()["total_mb"]
-        ctx.report["quant"] = report.to_dict()
-        ctx.report["calibration"] = calib.to_dict()
-        ctx.report["size"] = size.to_dict()
+        ctx.report.update(info.report())
+        if info.transform is not None:
+            ar = info.transform
+            ctx.report["adaround"] = ar.to_dict() if hasattr(ar, "to_dict") else str(ar)
         return student

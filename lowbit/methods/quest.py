@@ -18,27 +18,28 @@ timestep hook), not QuEST's hard-coded ``i % 10`` counter (issue #17).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 
 from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.distill import (
+from lowbit.methods.ptq import CalibParams, calibration_set, quant_config
+from lowbit.train import (
     CachedTrajectoryData,
-    DistillationModule,
-    LocalLoss,
+    LayerMSE,
     ParamGroup,
-    fit_distillation,
+    StudentModule,
+    TeacherMSE,
+    build_student,
+    fit,
     param_group,
-    quantized_student,
     trainable_share,
 )
-from lowbit.methods.ptq import calibration_set, quant_config
-from lowbit.quant import model_size
+from lowbit.train.hparams import HParamError, MethodParams, TrainParams, instantiate_partial
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,51 @@ def family_layers(table: Any, model_name: str) -> list[str]:
     return list(table["default"])
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageParams(MethodParams):
+    """One QuEST stage: its steps, learning rates (weights, activation Δ) and loss weights."""
+
+    steps: int
+    lr: float
+    act_lr: float
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuESTParams(CalibParams, TrainParams):
+    steps: int = 0  # per stage: tla.steps, cma.steps
+    stages: tuple[str, ...]
+    interp: str = "nearest"
+    train_act_zero_point: bool = False
+    act_param_exclude: tuple[str, ...] = ()
+    temporal_layers: tuple[str, ...]
+    time_embedding_layers: tuple[str, ...]
+    critical_layers: dict
+    tla: StageParams
+    cma: StageParams
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        st = list(self.stages)
+        if not st or len(set(st)) != len(st) or any(s not in STAGES for s in st):
+            raise HParamError(f"{prefix}.stages={st}: a non-empty list of distinct stages from "
+                              f"{list(STAGES)}, e.g. [tla,cma] or [tla]")
+        if self.steps:
+            raise HParamError(f"{prefix}.steps: QuEST's steps are per stage (tla.steps, "
+                              f"cma.steps)")
+
+
 class QuEST(Method):
     name = "quest"
 
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.params = QuESTParams.from_cfg(cfg)
+
     @property
     def stages(self) -> list[str]:
-        stages = [str(s) for s in self.cfg.stages]
-        bad = [s for s in stages if s not in STAGES]
-        if bad or not stages or len(set(stages)) != len(stages):
-            raise ValueError(f"method.stages={stages}: a non-empty list of distinct stages from "
-                             f"{list(STAGES)}, e.g. [tla,cma] or [tla]")
-        return stages
+        return list(self.params.stages)
 
     @property
     def label(self) -> str:
@@ -76,79 +111,78 @@ class QuEST(Method):
 
     # -- what each stage trains ---------------------------------------------------------------------
     def stage_groups(self, student: nn.Module, stage: str, model_name: str
-                     ) -> tuple[list[ParamGroup], LocalLoss | None]:
+                     ) -> tuple[list[ParamGroup], LayerMSE | None]:
         """Parameter groups and local loss of ``stage`` (``tla`` | ``cma``)."""
-        c = self.cfg
-        temporal = list(c.temporal_layers)
+        p = self.params
+        temporal = list(p.temporal_layers)
         if stage == "tla":
-            sc = c.tla
+            sc = p.tla
             groups = [
                 param_group(student, "tla/weight", "weight", sc.lr, temporal),
                 param_group(student, "tla/bias", "bias", sc.lr, temporal, allow_empty=True),
                 param_group(student, "tla/act_scale", "act_scale", sc.act_lr, temporal),
             ]
-            if c.train_act_zero_point:
+            if p.train_act_zero_point:
                 groups.append(param_group(student, "tla/act_zero_point", "act_zero_point",
                                           sc.act_lr, temporal, allow_empty=True))
             layers = temporal
         else:
-            sc = c.cma
-            critical = family_layers(c.critical_layers, model_name)
+            sc = p.cma
+            critical = family_layers(p.critical_layers, model_name)
             # all activation Δ except the time-embedding ones (the TLA stage's, and the MLP's)
-            not_temporal = [*temporal, *c.time_embedding_layers]
-            ex = list(c.act_param_exclude)
+            not_temporal = [*temporal, *p.time_embedding_layers]
+            ex = list(p.act_param_exclude)
             groups = [
                 param_group(student, "cma/weight", "weight", sc.lr, critical),
                 param_group(student, "cma/act_scale", "act_scale", sc.act_lr,
                             exclude=not_temporal, param_exclude=ex),
             ]
-            if c.train_act_zero_point:
+            if p.train_act_zero_point:
                 groups.append(param_group(student, "cma/act_zero_point", "act_zero_point",
                                           sc.act_lr, exclude=not_temporal, allow_empty=True,
                                           param_exclude=ex))
             layers = critical
-        local = LocalLoss(stage, layers, float(sc.local_weight)) if sc.local_weight else None
+        local = LayerMSE(stage, layers, sc.local_weight) if sc.local_weight else None
         return [g for g in groups if g.params], local
 
     # -- the method --------------------------------------------------------------------------------
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
-        c = self.cfg
-        stages = self.stages
+        p = self.params
         # timestep-aware activation quantizers (one Δ per calibration step), QuEST §3
         qcfg = quant_config(ctx.cfg).with_overrides(
-            {"act": {"timestep_aware": True, "interp": str(c.interp)}})
+            {"act": {"timestep_aware": True, "interp": p.interp}})
         t0 = time.perf_counter()
-        traj = calibration_set(ctx, teacher, int(c.calib_n), int(c.calib_steps))
+        traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
-        student, info = quantized_student(teacher, qcfg, traj, int(c.calib_batch),
-                                          int(c.max_samples))
-        ctx.cost["calib_s"] = info.pop("calib_s")
-        ctx.report.update(info)
+        student, info = build_student(teacher, qcfg, traj.batches(p.calib_batch_size),
+                                      max_samples=p.max_samples)
+        ctx.cost["calib_s"] = info.calib_s
+        ctx.report.update(info.report())
 
         model_name = str(ctx.cfg.model.name)
-        ckpt_root = ctx.output_dir / "checkpoints"
+        seed = int(ctx.cfg.seed)
         stats, trainable_ids, t_fit = {}, set(), 0.0
-        for i, stage in enumerate(stages):
-            sc = c[stage]
+        for stage in self.stages:
+            sc = getattr(p, stage)
             groups, local = self.stage_groups(student, stage, model_name)
-            module = DistillationModule(
-                student, teacher, groups, max_steps=int(sc.steps),
-                global_weight=float(sc.global_weight), local_losses=[local] if local else [],
-                optimizer="adam", grad_clip=c.get("grad_clip"))
-            data = CachedTrajectoryData(traj, int(c.batch_size), seed=int(ctx.cfg.seed) + i)
-            st = fit_distillation(module, data, ctx.cfg.trainer, ckpt_root / stage,
-                                  max_steps=int(sc.steps), resume=bool(ctx.cfg.get("resume")),
-                                  epoch_steps=int(c.ckpt_every),
-                                  log_dir=ctx.output_dir / "train_logs" / stage)
+            terms = [TeacherMSE(sc.global_weight)]
+            if local is not None:
+                terms.append(local.resolve(student, teacher))
+            module = StudentModule(
+                student, teacher, ctx.model, groups, terms, max_steps=sc.steps,
+                optimizer=instantiate_partial(p.optimizer, "method.optimizer"),
+                scheduler=instantiate_partial(p.scheduler, "method.scheduler"),
+                grad_clip=p.grad_clip)
+            data = CachedTrajectoryData(traj, p.batch_size, seed=seed,
+                                        stream=f"quest/{stage}/order")
+            st = fit(module, data, ctx, max_steps=sc.steps, checkpoint_every=p.checkpoint_every,
+                     stage=stage)
             t_fit += st.seconds
-            trainable_ids |= {id(p) for g in groups for _, p in g.params}
+            trainable_ids |= {id(q) for g in groups for _, q in g.params}
             stats[stage] = st.to_dict()
         student.requires_grad_(False)
-        n_train = sum(p.numel() for p in student.parameters() if id(p) in trainable_ids)
+        n_train = sum(q.numel() for q in student.parameters() if id(q) in trainable_ids)
         ctx.cost.update(finetune_s=t_fit, trainable_params=n_train,
                         trainable_share=trainable_share(n_train, teacher))
-        size = model_size(student)
-        ctx.cost["size_mb"] = size.total_mb
-        ctx.report["size"] = size.to_dict()
-        ctx.report["finetune"] = {"stages": stats, "config": OmegaConf.to_container(c)}
+        ctx.report["finetune"] = {"stages": stats, "config": p.to_dict()}
         return student.eval()

@@ -1,0 +1,178 @@
+"""The fit: a Lightning Trainer from the ``trainer`` group, one checkpoint callback, loggers from
+the ``logger`` group, exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from lowbit.train.data import StepDataModule
+from lowbit.train.module import StudentModule
+
+log = logging.getLogger(__name__)
+
+CKPT_NAME = "last.ckpt"
+CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOG_DIR = "train_logs"
+
+
+@dataclass
+class FitStats:
+    """What one :func:`fit_module` did (JSON-able via ``to_dict``)."""
+
+    steps: int
+    seconds: float
+    trainable_params: int
+    resumed_from: str | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    groups: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "resumed": self.resumed}
+
+
+class LastCheckpoint(L.Callback):
+    """Writes ``<dirpath>/last.ckpt`` (model, optimiser, scheduler, loop state) at every epoch
+    end — every ``checkpoint_every`` steps — atomically (temporary file + rename)."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.path = Path(dirpath) / CKPT_NAME
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        trainer.save_checkpoint(str(tmp))
+        tmp.replace(self.path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+
+# ------------------------------------------------------------------------------------------------
+# loggers
+# ------------------------------------------------------------------------------------------------
+def wandb_run_id(cfg: Any) -> str:
+    """The W&B run id of a job: ``logger.run_id`` when set, else derived from the run directory,
+    so the training curves (WandbLogger) and the results the pipeline logs later land in the
+    same W&B run, and a resumed job continues it."""
+    run_id = cfg.logger.get("run_id") if cfg.get("logger") is not None else None
+    if run_id:
+        return str(run_id)
+    out = str(Path(cfg.paths.output_dir).resolve())
+    return hashlib.sha256(out.encode()).hexdigest()[:16]
+
+
+def build_loggers(cfg: Any, run_dir: Path, stage: str | None = None) -> list[Any]:
+    """Lightning loggers of a job: a CSVLogger in ``<run dir>/train_logs[/<stage>]`` always; a
+    WandbLogger (offline unless ``logger.mode`` says otherwise, files in the run dir, run id
+    :func:`wandb_run_id`) when ``logger.name == "wandb"``. Stages log under ``<stage>/train/…``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    run_dir = Path(run_dir)
+    log_dir = run_dir / TRAIN_LOG_DIR
+    loggers: list[Any] = [CSVLogger(str(log_dir), name=stage or "", version="")]
+    lg = cfg.get("logger") if cfg is not None else None
+    if lg is not None and lg.get("name") == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = str(lg.get("mode", "offline"))
+        loggers.append(WandbLogger(
+            project=lg.get("project"), entity=lg.get("entity"), group=lg.get("group"),
+            save_dir=str(run_dir), id=wandb_run_id(cfg), offline=mode == "offline",
+            mode=mode, resume="allow", prefix=stage or "", tags=list(cfg.get("tags", []) or []),
+            name=run_name(cfg), log_model=False))
+    return loggers
+
+
+def run_name(cfg: Any) -> str:
+    """``<model>-<method>-<bits>-<sampler>``: the W&B run name the pipeline uses too."""
+    return f"{cfg.model.name}-{cfg.method.name}-{cfg.bits.name}-{cfg.sampler.name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the fit
+# ------------------------------------------------------------------------------------------------
+def build_trainer(trainer_cfg: Any, ckpt_dir: Path, max_steps: int,
+                  loggers: Sequence[Any] | bool = False, callbacks: Sequence[L.Callback] = (),
+                  **overrides: Any) -> L.Trainer:
+    """A ``lightning.Trainer`` from the ``trainer`` config group with the training settings:
+    ``max_steps``, ``last.ckpt`` in ``ckpt_dir`` at every epoch end, no validation."""
+    kw: dict[str, Any] = dict(
+        max_steps=int(max_steps), max_epochs=-1,
+        callbacks=[LastCheckpoint(ckpt_dir), *callbacks],
+        logger=list(loggers) if loggers else False,
+        default_root_dir=str(ckpt_dir), num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, enable_checkpointing=False,
+    )
+    kw.update(overrides)
+    return instantiate(trainer_cfg, **kw)
+
+
+def _load_finished(module: StudentModule, path: Path, max_steps: int) -> bool:
+    """Load ``path`` into ``module`` if it is the checkpoint of a finished fit."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if int(state.get("global_step", -1)) < max_steps:
+        return False
+    module.load_state_dict(state["state_dict"])
+    return True
+
+
+def fit_module(module: StudentModule, data: StepDataModule, trainer_cfg: Any, ckpt_dir: Path,
+               max_steps: int, *, resume: bool = False, checkpoint_every: int = 25,
+               loggers: Sequence[Any] | bool = False, callbacks: Sequence[L.Callback] = (),
+               **trainer_overrides: Any) -> FitStats:
+    """Train ``module`` for ``max_steps`` optimiser steps on ``data``; ``<ckpt_dir>/last.ckpt``
+    is written every ``checkpoint_every`` steps and at the end. ``resume``: continue from that
+    file if it is there (a finished fit is loaded, not re-run)."""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / CKPT_NAME
+    resume_from = str(last) if resume and last.is_file() else None
+    groups = {g.name: g.numel for g in module.groups}
+    if max_steps <= 0:
+        return FitStats(0, 0.0, module.trainable_params, groups=groups)
+    t0 = time.perf_counter()
+    if resume_from and _load_finished(module, last, max_steps):
+        log.info("fit already finished in %s: loaded", last)
+        module.apply_trainable()
+        return FitStats(max_steps, 0.0, module.trainable_params, resume_from, groups=groups)
+    data.epoch_steps, data.max_steps = int(checkpoint_every), int(max_steps)
+    trainer = build_trainer(trainer_cfg, ckpt_dir, max_steps, loggers, callbacks,
+                            **trainer_overrides)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    if trainer.global_step < max_steps:
+        raise RuntimeError(f"fit stopped at step {trainer.global_step} of {max_steps}")
+    LastCheckpoint(ckpt_dir).save(trainer)  # the finished state, whatever the epoch ends
+    hist = module.loss_history
+    return FitStats(max_steps, time.perf_counter() - t0, module.trainable_params, resume_from,
+                    hist[0] if hist else None, hist[-1] if hist else None, groups)
+
+
+def fit(module: StudentModule, data: StepDataModule, ctx: Any, *, max_steps: int,
+        checkpoint_every: int, stage: str | None = None,
+        callbacks: Sequence[L.Callback] = ()) -> FitStats:
+    """:func:`fit_module` inside a run: trainer from ``ctx.cfg.trainer``, checkpoints in
+    ``<run dir>/checkpoints[/<stage>]``, ``resume`` from ``ctx.cfg.resume``, loggers from the
+    ``logger`` group (:func:`build_loggers`)."""
+    ckpt_dir = Path(ctx.output_dir) / CHECKPOINT_DIR
+    if stage:
+        ckpt_dir = ckpt_dir / stage
+    loggers = build_loggers(ctx.cfg, Path(ctx.output_dir), stage)
+    return fit_module(module, data, ctx.cfg.trainer, ckpt_dir, max_steps,
+                      resume=bool(ctx.cfg.get("resume", False)),
+                      checkpoint_every=checkpoint_every, loggers=loggers, callbacks=callbacks)
