@@ -106,3 +106,167 @@ def test_sweep_launchers_compose(launcher, target):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == target
+
+
+# ------------------------------------------------------------------------------------------------
+# bits presets by name, names that never contradict the bits, labels from the effective settings
+# ------------------------------------------------------------------------------------------------
+def _bits_yaml(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((CONF_DIR / "bits" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", _options("bits"))
+def test_preset_by_name_equals_its_yaml_and_labels_itself(name):
+    from lowbit.quant import QuantConfig
+
+    cfg = QuantConfig.preset(name)
+    assert cfg == QuantConfig.from_dict(_bits_yaml(name))
+    assert cfg.name == name and cfg.label() == name
+
+
+def test_preset_names_lists_the_shipped_yamls():
+    from lowbit.quant import preset_names
+
+    assert list(preset_names()) == _options("bits")
+
+
+def test_preset_with_overrides_and_unknown_name():
+    from lowbit.quant import QuantConfig
+
+    cfg = QuantConfig.preset("w4a4", act={"init": "minmax"}, skip_fp=True)
+    assert (cfg.act.bits, cfg.act.granularity, cfg.act.init, cfg.skip_fp) == (4, "channel", "minmax", True)
+    with pytest.raises(ConfigError) as e:
+        QuantConfig.preset("w4a5")
+    assert e.value.key == "bits" and "w4a4_tensor" in str(e.value) and "w8a8" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["w4a4", "w4a4_tensor", "fp", "my-recipe"])
+def test_a_mapping_with_only_a_name_is_rejected(name):
+    from lowbit.quant import QuantConfig
+
+    with pytest.raises(ConfigError) as e:
+        QuantConfig.from_dict({"name": name})
+    assert e.value.key == "bits.name" and "QuantConfig.preset(" in str(e.value)
+    if name != "my-recipe":
+        assert f"QuantConfig.preset({name!r})" in str(e.value)
+
+
+@pytest.mark.parametrize("d,key_part", [
+    ({"name": "w4a4", "weight": {"bits": 4}}, "bits.act.bits=8"),  # act left at the W8A8 default
+    ({"name": "w4a4_tensor", "weight": {"bits": 8}, "act": {"bits": 4}}, "bits.weight.bits=8"),
+    ({"name": "W2A8", "weight": {"bits": 4}}, "bits.weight.bits=4"),  # case-insensitive
+    ({"name": "w1a32", "weight": {"bits": 1}, "act": {"bits": 8}}, "bits.act.bits=8"),
+    ({"name": "w4a16", "weight": {"bits": 4}, "act": {"bits": 4}}, "bits.act.bits=4"),
+    ({"name": "fp", "weight": {"bits": 4}, "act": {"bits": None}}, "bits.weight.bits=4"),
+    ({"name": "fp", "weight": {"bits": None}, "act": {"bits": None}, "attn_bits": 8},
+     "attention matmuls"),
+])
+def test_a_name_that_contradicts_the_bits_is_rejected(d, key_part):
+    from lowbit.quant import QuantConfig
+
+    with pytest.raises(ConfigError) as e:
+        QuantConfig.from_dict(d)
+    assert e.value.key == "bits.name" and key_part in str(e.value) and "Fix:" in str(e.value)
+
+
+@pytest.mark.parametrize("d", [
+    {"name": "w1a32", "weight": {"bits": 1}, "act": {"bits": None}},  # 32 and 16 mean FP
+    {"name": "w2a16", "weight": {"bits": 2}, "act": {"bits": 16}},
+    {"name": "w8a8-t", "act": {"timestep_aware": True}},  # a wXaY prefix with a free suffix
+    {"name": "fp", "weight": {"bits": None}, "act": {"bits": None}, "quantize_attention": False},
+    {"name": "w4", "weight": {"bits": 4}},  # not wXaY: a free-form label
+    {"name": "my recipe", "weight": {"bits": 3}, "act": {"bits": 5}},
+])
+def test_names_that_agree_or_are_free_form_are_accepted(d):
+    from lowbit.quant import QuantConfig
+
+    assert QuantConfig.from_dict(d).name == d["name"]
+
+
+def test_derived_configs_cannot_keep_a_stale_name():
+    from lowbit.quant import QuantConfig, QuantSpec
+
+    with pytest.raises(ConfigError, match="bits.name='w4a4'"):
+        QuantConfig.preset("w4a4").with_overrides({"act": {"bits": 8}})
+    assert QuantConfig.preset("w4a4").with_overrides({"act": {"bits": 8}, "name": "w4a8"}).act.bits == 8
+    with pytest.raises(ConfigError):  # also direct construction and dataclasses.replace
+        QuantConfig(name="w8a8", weight=QuantSpec(bits=4))
+    # without a name, the name is the label of the settings
+    assert QuantConfig.from_dict({"weight": {"bits": 4, "granularity": "channel", "init": "mse"}}).name == "w4a8"
+    assert QuantConfig(weight=QuantSpec(bits=4, granularity="channel", init="mse")).name == "w4a8"
+    assert QuantConfig().name == "w8a8"
+
+
+@pytest.mark.parametrize("preset,over,label", [
+    # an override that makes another preset's settings gets that preset's name
+    ("w4a4", {"act": {"granularity": "tensor"}}, "w4a4_tensor"),
+    ("w4a4_tensor", {"act": {"granularity": "channel"}}, "w4a4"),
+    ("w4a4", {"act": {"granularity": "token"}}, "w4a4+token-act"),
+    ("w4a8", {"weight": {"granularity": "group:64"}}, "w4a8+group64-w"),
+    ("w8a8", {"act": {"granularity": "channel"}}, "w8a8+chan-act"),
+    ("w4a4", {"weight": {"init": "minmax"}, "act": {"init": "minmax"}}, "w4a4+minmax-w+minmax-act"),
+    ("w4a4", {"act": {"init": "percentile", "percentile": 99.9}}, "w4a4+pct99.9-act"),
+    ("w8a8", {"weight": {"symmetric": True}}, "w8a8+sym-w"),
+    ("w1a8", {"act": {"learnable": False}}, "w1a8+fixed-act"),
+    ("w8a8", {"act": {"timestep_aware": True}}, "w8a8+ts-act"),
+    ("w8a8", {"act": {"timestep_aware": True, "interp": "linear"}}, "w8a8+ts-act+linear-act"),
+    ("w8a8", {"quantize_attention": False}, "w8a8+fp-attn"),
+    ("w4a4", {"attn_bits": 8}, "w4a4+8bit-attn"),
+    ("w4a4", {"sm_bits": None}, "w4a4+fp-sm"),
+    ("w4a4", {"first_last_bits": None}, "w4a4+same-io"),
+    ("w4a4", {"first_last_bits": 16}, "w4a4+16bit-io"),
+    ("w4a4", {"time_emb_bits": None}, "w4a4+same-temb"),
+    ("w4a8", {"skip_fp": True}, "w4a8+fp-skip"),
+    ("w4a8", {"split_shortcut": False}, "w4a8+nosplit"),
+    ("w4a8", {"exclude": ["*attentions*"]}, "w4a8+exclude"),
+    ("w4a8", {"overrides": {"conv_in": "fp"}}, "w4a8+overrides"),
+])
+def test_label_names_every_setting_that_differs_from_the_preset(preset, over, label):
+    from lowbit.quant import QuantConfig
+
+    cfg = QuantConfig.preset(preset, **over)
+    assert cfg.name == preset and cfg.label() == label
+
+
+@pytest.mark.parametrize("preset,over", [
+    ("w8a8", {"first_last_bits": 8}),  # already at 8 bits: no effect
+    ("w8a8", {"act": {"interp": "linear"}}),  # interp without timestep_aware: no effect
+    ("w4a16", {"act": {"granularity": "channel"}, "sm_bits": 4}),  # FP activations and attention
+    ("w4a4", {"weight": {"percentile": 99.0}}),  # percentile without init=percentile
+    ("fp", {"weight": {"granularity": "tensor"}, "first_last_bits": 4, "skip_fp": True}),
+])
+def test_label_ignores_settings_without_effect(preset, over):
+    from lowbit.quant import QuantConfig
+
+    assert QuantConfig.preset(preset, **over).label() == preset
+
+
+def test_label_of_bits_without_a_preset_and_of_free_names():
+    from lowbit.quant import QuantConfig, bits_label
+
+    assert QuantConfig.from_dict({"name": "x", "weight": {"bits": 5}, "act": {"bits": 6}}).label() == "w5a6"
+    assert bits_label({"name": "x", "weight": {"bits": 5}, "act": {"bits": None},
+                       "sm_bits": None}) == "w5a16"
+    # a free name does not pick the reference: same settings, same label
+    w4 = _bits_yaml("w4a8")
+    assert bits_label({**w4, "name": "mine", "skip_fp": True}) == "w4a8+fp-skip"
+    assert bits_label({**_bits_yaml("w1a32"), "name": "fp-weights-off"}) == "w1a32"
+    assert bits_label({**_bits_yaml("fp"), "name": "attn8", "attn_bits": 8, "sm_bits": 8}
+                      ) == "fp+8bit-attn+8bit-sm"
+
+
+def test_hydra_override_gets_a_truthful_label(make_cfg):
+    from omegaconf import OmegaConf
+
+    from lowbit.quant import bits_label
+
+    def label(*over):
+        return bits_label(OmegaConf.to_container(make_cfg("method=ptq", *over).bits, resolve=True))
+
+    assert label("bits=w4a4") == "w4a4"
+    assert label("bits=w4a4", "bits.act.granularity=tensor") == "w4a4_tensor"
+    assert label("bits=w4a8", "bits.weight.init=minmax") == "w4a8+minmax-w"
+    with pytest.raises(ConfigError, match="bits.name='w4a4'"):
+        label("bits=w4a4", "bits.weight.bits=8")

@@ -2,7 +2,7 @@
 
 Life cycle (optimum-quanto style)::
 
-    report = quantize_(model, QuantConfig.from_dict(cfg.bits))   # swap modules in place
+    report = quantize_(model, QuantConfig.preset("w4a4"))        # swap modules in place
     calibrate_(model, batches)                                   # activation Δ per timestep bucket
     adaround_(model, batches, iters=20000)                       # optional: Q-Diffusion weight PTQ
     model(sample, t, ...)                                        # runs quantized; hook sets t
@@ -13,7 +13,7 @@ No method logic lives here; methods ask modules for parameters by role (:func:`q
 from .adaround import AdaRoundConfig, AdaRoundResult, adaround_
 from .attention import AttentionQuantizers, QuantAttnProcessor
 from .calibrate import CalibrationResult, calibrate_
-from .config import LayerOverride, LayerPlan, QuantConfig, QuantSpec
+from .config import LayerOverride, LayerPlan, QuantConfig, QuantSpec, bits_label, preset_names
 from .modules import ROLES, QuantConv2d, QuantLinear, QuantModuleMixin
 from .quantize import (
     FPRecord,
@@ -60,12 +60,14 @@ __all__ = [
     "UniformQuantizer",
     "act_quantizers",
     "adaround_",
+    "bits_label",
     "calibrate_",
     "concat_split_points",
     "fake_quantize",
     "is_quantized",
     "model_size",
     "named_quantizers",
+    "preset_names",
     "quant_disabled",
     "quant_params",
     "quantize_",

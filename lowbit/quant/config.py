@@ -5,16 +5,25 @@ for weights and one for activations plus the rules that map module names to spec
 layer, time embedding, skip convs, include/exclude globs and per-pattern overrides). The rules are
 pure functions of the module name, so they can be tested and printed without a model.
 
-A ``bits`` yaml (``conf/bits/*.yaml``) is a plain mapping read by :meth:`QuantConfig.from_dict`.
+A ``bits`` yaml (``conf/bits/*.yaml``) is a plain mapping read by :meth:`QuantConfig.from_dict`;
+the shipped ones load by name with :meth:`QuantConfig.preset` (package data, so a wheel works).
+A config's ``name`` never contradicts its bits (``w4a4`` must have 4-bit weights and
+activations; ``fp`` must quantize nothing), and :meth:`QuantConfig.label` names a run from the
+effective settings, so a command-line override never leaves a misleading label.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import importlib.resources
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from lowbit.config import ConfigError
 
 # Bits a uniform quantizer accepts; None, 16 and 32 mean "leave this tensor in floating point".
 ALLOWED_BITS: tuple[int | None, ...] = (None, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
@@ -182,7 +191,7 @@ def _as_tuple(key: str, value: Any) -> tuple[str, ...]:
 class QuantConfig:
     """A whole-model quantization recipe (the ``bits`` config group plus layer rules)."""
 
-    name: str = "w8a8"
+    name: str = ""  # "" = derived from the settings by label(); a wXaY or fp name must match them
     weight: QuantSpec = field(
         default_factory=lambda: QuantSpec(bits=8, granularity="channel", init="mse"))
     act: QuantSpec = field(
@@ -202,17 +211,54 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.label())
+        _check_name(self.name, self.weight, self.act, self.is_fp, "bits")
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
+    def preset(cls, name: str, **overrides: Any) -> QuantConfig:
+        """A shipped ``bits`` preset (``lowbit/conf/bits/<name>.yaml``) by name, optionally with
+        some keys replaced as in :meth:`with_overrides` (``act={"granularity": "tensor"}``).
+
+        >>> QuantConfig.preset("w4a4").act.bits
+        4
+        """
+        names = preset_names()
+        if name not in names:
+            raise ConfigError("bits", name, "no such bits preset",
+                              f"choose one of {', '.join(names)}")
+        cfg = cls.from_dict(_raw_preset(name), key=f"bits[{name}]")
+        return cfg.with_overrides(overrides) if overrides else cfg
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, key: str = "bits") -> QuantConfig:
-        """Build from a ``bits`` yaml mapping (or any dict); unknown keys and values raise."""
+        """Build from a ``bits`` yaml mapping (or any dict); unknown keys and values raise, and so
+        does a ``name`` that contradicts the bits: ``w<X>a<Y>…`` needs X-bit weights and Y-bit
+        activations (16/32 = FP), ``fp`` needs nothing quantized; other names are free-form. A
+        mapping without a name is named by :meth:`label`.
+
+        Keys absent from ``d`` take the dataclass defaults (W8A8), not a preset's values: to load a
+        shipped preset by name use :meth:`preset`.
+        """
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(f'{key}.{u}' for u in unknown)}; "
                              f"allowed: {', '.join(sorted(names))}.")
-        default = cls()
+        if set(d) == {"name"}:
+            name = str(d["name"])
+            known = preset_names()
+            fix = (f"use QuantConfig.preset({name!r}) (bits={name} on the command line)"
+                   if name in known else
+                   f"use QuantConfig.preset(<name>) with one of {', '.join(known)}, "
+                   f"or give weight/act settings")
+            raise ConfigError(f"{key}.name", name,
+                              "a mapping with only a name does not load a preset (the other keys "
+                              "would take the W8A8 defaults)", fix)
+        default = cls(name="w8a8")  # the dataclass defaults (no label(): presets use from_dict)
         kw: dict[str, Any] = {}
         if "name" in d:
             kw["name"] = str(d["name"])
@@ -236,13 +282,19 @@ class QuantConfig:
                 kw[k] = _as_tuple(f"{key}.{k}", d[k])
         if "overrides" in d:
             kw["overrides"] = _parse_overrides(d["overrides"], f"{key}.overrides")
+        if "name" in kw:  # checked here to name the key; without a name, label() gives one
+            qkv = cls._qkv(kw["act"], kw.get("attn_bits", cls.attn_bits))
+            is_fp = not (kw["weight"].enabled or kw["act"].enabled
+                         or (kw.get("quantize_attention", cls.quantize_attention) and qkv.enabled))
+            _check_name(kw["name"], kw["weight"], kw["act"], is_fp, key)
         cfg = cls(**kw)
         for o in cfg.overrides:  # fail now, not at quantize_ time
             cfg._apply_override(o, cfg.weight, cfg.act, cfg.sm_bits)
         return cfg
 
     def with_overrides(self, d: Mapping[str, Any]) -> QuantConfig:
-        """A copy with some keys replaced (nested weight/act dicts merge), re-validated."""
+        """A copy with some keys replaced (nested weight/act dicts merge), re-validated. Changing
+        the weight/act bits of a ``wXaY``-named config needs a new ``name`` too."""
         merged = self.to_dict()
         for k, v in d.items():
             if k in ("weight", "act") and isinstance(v, Mapping):
@@ -266,6 +318,80 @@ class QuantConfig:
         return d
 
     # -- queries --------------------------------------------------------------------------------
+    def label(self) -> str:
+        """A run label derived from the effective settings, never from ``name`` alone.
+
+        * Settings equal to a shipped preset's give that preset's name (``w4a4``, ``w4a4_tensor``,
+          ``fp`` …); the preset named by ``name`` wins a tie.
+        * Otherwise the label is a reference preset's name plus one ``+suffix`` per setting that
+          differs from it, in the fixed order below. The reference is the preset named by
+          ``name`` when there is one, else the first preset (plain ``wXaY`` names first, then
+          alphabetical) with the same weight/activation bits, else W8A8's settings at these bits,
+          labelled ``w<X>a<Y>`` (16 = floating point).
+
+        Suffixes (``<side>`` is ``w`` for weights, ``act`` for activations; ``<b>bit`` is a bit
+        width, ``fp`` floating point)::
+
+            +<g>-<side>       granularity: tensor | chan | group<g> | token
+            +sym-<side>       symmetric grid         (+asym-<side> when the reference is symmetric)
+            +<init>-<side>    range init: minmax | mse | pct<p> (init percentile at p)
+            +lsq-<side>       learnable step (LSQ)   (+fixed-<side>)
+            +ts-act           one step per timestep  (+nots-act); +<interp>-act: its mapping
+            +fp-attn          attention matmuls kept FP; +<b>bit-attn: their Q/K/V bits
+            +<b>bit-sm        softmax output bits    (+fp-sm)
+            +<b>bit-io        first/last layers at >= b bits (+same-io: like the rest)
+            +<b>bit-temb      time-embedding MLP at >= b bits (+same-temb)
+            +fp-skip          skip/downsample convs FP (skip_fp; +q-skip)
+            +nosplit          no own quantizers for concat halves (split_shortcut; +split)
+            +include, +exclude, +overrides   module-name rules differ (see the config itself)
+
+        Settings without effect are ignored: the fields of a floating-point quantizer, a bump to
+        a precision every quantizer already has, the softmax bits of FP attention. The layer-name
+        lists (first/last/time-embedding/skip layers) are facts about a model, not settings, and
+        do not appear. A method's own changes (QuEST's timestep-aware activations) are the
+        method's, and belong to its name.
+        """
+        if self.is_fp and not self.overrides:
+            return "fp"
+        eff = self._effective()
+        presets, effs = _presets(), _preset_effectives()
+        order = sorted(presets, key=lambda n: (n != self.name, "_" in n, n))
+        for n in order:
+            if effs[n] == eff:
+                return n
+        bits = (eff["weight"] and eff["weight"]["bits"], eff["act"] and eff["act"]["bits"])
+        same_bits = [n for n in order if _eff_bits(presets[n]) == bits]
+        if same_bits:
+            base, ref = same_bits[0], effs[same_bits[0]]
+        else:
+            base, w8a8 = _bits_name(*bits), presets["w8a8"]
+            ref = dataclasses.replace(w8a8, name=base,
+                                      weight=dataclasses.replace(w8a8.weight, bits=bits[0]),
+                                      act=dataclasses.replace(w8a8.act, bits=bits[1]))._effective()
+        return base + "".join(_suffixes(eff, ref))
+
+    def _effective(self) -> dict[str, Any]:
+        """What quantizes differently, with settings that have no effect normalised away."""
+        w, a = _eff_spec(self.weight, act=False), _eff_spec(self.act, act=True)
+        qkv = self.qkv_spec
+        attn = None
+        if self.quantize_attention and qkv.enabled:
+            attn = (qkv.bits, None if is_fp_bits(self.sm_bits) else self.sm_bits)
+        low = [s["bits"] for s in (w, a) if s is not None]
+
+        def bump(b: int | None) -> int | None:
+            return b if b is not None and any(x < b for x in low) else None
+
+        return {
+            "weight": w, "act": a, "attn": attn,
+            "first_last_bits": bump(self.first_last_bits),
+            "time_emb_bits": bump(self.time_emb_bits),
+            "skip_fp": self.skip_fp if low else None,
+            "split_shortcut": self.split_shortcut if a is not None else None,
+            "include": self.include, "exclude": self.exclude,
+            "overrides": self.to_dict()["overrides"],
+        }
+
     @property
     def qkv_spec(self) -> QuantSpec:
         """Spec of the Q, K, V matmul-input quantizers (signed activations)."""
@@ -346,3 +472,157 @@ def _parse_overrides(value: Any, key: str) -> tuple[LayerOverride, ...]:
             out.append(LayerOverride.parse(str(item["pattern"]), rest or "fp", key))
         return tuple(out)
     raise ValueError(f"{key} must be a mapping pattern -> override, or a list of them.")
+
+
+# ------------------------------------------------------------------------------------------------
+# presets and labels
+# ------------------------------------------------------------------------------------------------
+_WXAY = re.compile(r"^w(\d+)a(\d+)(?![0-9])", re.IGNORECASE)
+
+
+def _bits_dir() -> Any:
+    """``lowbit/conf/bits`` as an importlib.resources Traversable (works from a wheel)."""
+    return importlib.resources.files("lowbit").joinpath("conf", "bits")
+
+
+@functools.lru_cache(maxsize=1)
+def preset_names() -> tuple[str, ...]:
+    """Names of the shipped ``bits`` presets, sorted (``fp``, ``w1a1`` …)."""
+    return tuple(sorted(p.name[:-5] for p in _bits_dir().iterdir() if p.name.endswith(".yaml")))
+
+
+@functools.cache
+def _raw_preset_text(name: str) -> str:
+    return _bits_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def _raw_preset(name: str) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(_raw_preset_text(name)) or {}
+
+
+@functools.lru_cache(maxsize=1)
+def _presets() -> dict[str, QuantConfig]:
+    return {n: QuantConfig.preset(n) for n in preset_names()}
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_effectives() -> dict[str, dict[str, Any]]:
+    return {n: c._effective() for n, c in _presets().items()}
+
+
+def bits_label(bits: Mapping[str, Any], key: str = "bits") -> str:
+    """The run label of a ``bits`` mapping (a resolved ``cfg.bits``): see :meth:`QuantConfig.label`."""
+    return QuantConfig.from_dict(bits, key=key).label()
+
+
+def _fp_none(bits: int | None) -> int | None:
+    return None if is_fp_bits(bits) else bits
+
+
+def _bits_name(w: int | None, a: int | None) -> str:
+    return f"w{16 if w is None else w}a{16 if a is None else a}"
+
+
+def _eff_bits(cfg: QuantConfig) -> tuple[int | None, int | None]:
+    return _fp_none(cfg.weight.bits), _fp_none(cfg.act.bits)
+
+
+def _eff_spec(spec: QuantSpec, *, act: bool) -> dict[str, Any] | None:
+    if not spec.enabled:
+        return None
+    init = f"pct{spec.percentile:g}" if spec.init == "percentile" else spec.init
+    d = {"bits": spec.bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
+         "init": init, "learnable": spec.learnable}
+    if act:
+        d["timestep_aware"] = spec.timestep_aware
+        d["interp"] = spec.interp if spec.timestep_aware else None
+    return d
+
+
+def _b(bits: int | None) -> str:
+    return "fp" if bits is None else f"{bits}bit"
+
+
+def _suffixes(eff: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for side, tag in (("weight", "w"), ("act", "act")):
+        s, r = eff[side], ref[side]
+        if s is None or r is None:  # bits differ: only when the reference has other bits
+            continue
+        if s["granularity"] != r["granularity"]:
+            kind, g = parse_granularity(side, s["granularity"])
+            short = "chan" if kind == "channel" else kind
+            out.append(f"+{short}{g or ''}-{tag}")
+        if s["symmetric"] != r["symmetric"]:
+            out.append(f"+{'sym' if s['symmetric'] else 'asym'}-{tag}")
+        if s["init"] != r["init"]:
+            out.append(f"+{s['init']}-{tag}")
+        if s["learnable"] != r["learnable"]:
+            out.append(f"+{'lsq' if s['learnable'] else 'fixed'}-{tag}")
+        if side == "act":
+            if s["timestep_aware"] != r["timestep_aware"]:
+                out.append(f"+{'ts' if s['timestep_aware'] else 'nots'}-act")
+            if s["interp"] is not None and s["interp"] != (r["interp"] or "nearest"):
+                out.append(f"+{s['interp']}-act")
+    s, r = eff["attn"], ref["attn"]
+    if s is None and r is not None:
+        out.append("+fp-attn")
+    elif s is not None:
+        if r is None or s[0] != r[0]:
+            out.append(f"+{_b(s[0])}-attn")
+        if r is None or s[1] != r[1]:
+            out.append(f"+{_b(s[1])}-sm")
+    for k, tag in (("first_last_bits", "io"), ("time_emb_bits", "temb")):
+        if eff[k] != ref[k]:
+            out.append(f"+{'same' if eff[k] is None else f'{eff[k]}bit'}-{tag}")
+    if eff["skip_fp"] is not None and eff["skip_fp"] != bool(ref["skip_fp"]):
+        out.append("+fp-skip" if eff["skip_fp"] else "+q-skip")
+    if eff["split_shortcut"] is not None and eff["split_shortcut"] != ref["split_shortcut"] \
+            and ref["split_shortcut"] is not None:
+        out.append("+split" if eff["split_shortcut"] else "+nosplit")
+    out.extend(f"+{k}" for k in ("include", "exclude", "overrides") if eff[k] != ref[k])
+    return out
+
+
+def _check_name(name: str, weight: QuantSpec, act: QuantSpec, is_fp: bool, key: str) -> None:
+    """A ``wXaY…`` name must match the weight/act bits (16 and 32 mean FP); ``fp`` must quantize
+    nothing. Other names are free-form labels."""
+    w, a = _fp_none(weight.bits), _fp_none(act.bits)
+    if str(name).lower() == "fp":
+        if not is_fp:
+            what = [f"{key}.{side}.bits={spec.bits}" for side, spec in (("weight", weight),
+                                                                       ("act", act)) if spec.enabled]
+            other = (f"name it {_suggest(w, a)!r}" if what else
+                     "drop the name (QuantConfig.label() then names it, e.g. fp+8bit-attn)")
+            raise ConfigError(f"{key}.name", name,
+                              f"says full precision but {' and '.join(what) or 'the attention matmuls'}"
+                              f" quantize", f"load QuantConfig.preset('fp') (bits=fp), or {other}")
+        return
+    m = _WXAY.match(str(name))
+    if m is None:
+        return
+    nw, na = (_fp_none(int(x)) for x in m.groups())
+    bad = [f"{key}.{side}.bits={spec.bits}" for side, spec, want, got
+           in (("weight", weight, nw, w), ("act", act, na, a)) if want != got]
+    if bad:
+        said = _suggest(nw, na)
+        load = f"load QuantConfig.preset({said!r}), " if said in preset_names() else ""
+        raise ConfigError(f"{key}.name", name,
+                          f"says W{m.group(1)}A{m.group(2)} but {' and '.join(bad)}",
+                          f"set the bits the name says, {load}or name it {_suggest(w, a)!r} "
+                          f"(QuantConfig.label() names a derived config)")
+
+
+def _suggest(w: int | None, a: int | None) -> str:
+    """A preset name with these weight/act bits (read from the yaml text: no recursion), else
+    ``w<X>a<Y>``."""
+    import yaml
+
+    for n in sorted(preset_names(), key=lambda n: ("_" in n, n)):
+        d = yaml.safe_load(_raw_preset_text(n)) or {}
+        bits = [_fp_none((d.get(s) or {}).get("bits", 8)) for s in ("weight", "act")]
+        if bits == [w, a]:
+            return n
+    return _bits_name(w, a)
