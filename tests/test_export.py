@@ -43,9 +43,9 @@ from lowbit.export import (
     load_student,
     main,
     pack_model_,
+    save_student_files,
 )
 from lowbit.ops.quantized_modules import PackedQuantConv2d, PackedQuantLinear
-from lowbit.export import save_student_files
 from lowbit.pipeline import STUDENT, run_experiment
 from lowbit.quant import QuantConfig, QuantModuleMixin, calibrate_, quantize_, set_timestep
 from lowbit.quant.quantizers import MIN_SCALE

@@ -344,8 +344,8 @@ def test_bidm_run_saves_a_student_that_reloads_bit_exactly(make_cfg, monkeypatch
     if hasattr(pipeline, "save_student"):
         monkeypatch.setattr(pipeline, "save_student", save)
     cfg = make_cfg("method=bidm", "bits=w1a1", "method.steps=2", "method.batch_size=4",
-                   "method.calib_batches=1", "metrics.num_samples=10", "sampler.steps=3",
-                   "sampler.batch_size=10", "logger=none")
+                   "method.calib_n=8", "method.calib_batch_size=8", "metrics.num_samples=10",
+                   "sampler.steps=3", "sampler.batch_size=10", "logger=none")
     pipeline.run_experiment(cfg)
     run = Path(cfg.paths.output_dir)
     assert (run / QMAP_FILE).is_file() and seen
