@@ -1,8 +1,10 @@
-"""The shared distillation machinery: parameter selection, deterministic data, exact resume."""
+"""Data-free distillation on the training stack: parameter selection, deterministic trajectory
+data, the FP stream, and that only the selected parameters train."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
@@ -10,20 +12,21 @@ import torch
 
 from lowbit.cli import compose_config
 from lowbit.data.trajectories import fp_trajectories
-from lowbit.methods.distill import (
-    CachedTrajectoryData,
-    DistillationModule,
-    FPTrajectoryData,
-    FPTrajectoryStream,
-    LocalLoss,
-    fit_distillation,
-    param_group,
-    quantized_student,
-    select_params,
-)
 from lowbit.methods.ptq import quant_config
 from lowbit.models.digits import load_digits_model
 from lowbit.sampling import SamplerConfig
+from lowbit.train import (
+    CachedTrajectoryData,
+    FPTrajectoryData,
+    FPTrajectoryStream,
+    LayerMSE,
+    StudentModule,
+    TeacherMSE,
+    build_student,
+    fit_module,
+    param_group,
+    select_params,
+)
 
 SAMPLER = SamplerConfig(kind="ddim", steps=10, guidance_scale=2.0, batch_size=64)
 
@@ -39,16 +42,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    loaded = load_digits_model()
-    traj = fp_trajectories(loaded, SAMPLER, n=24, calib_steps=10, seed=3,
+    model = load_digits_model()
+    traj = fp_trajectories(model, SAMPLER, n=24, calib_steps=10, seed=3,
                            cache_dir=tmp_path_factory.mktemp("cache"))
     cfg = compose_config(["bits=w4a4", "trainer.enable_progress_bar=false"])
     # min–max init: calibration in a second (the MSE search is for real runs)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True, "init": "minmax"},
                                              "weight": {"init": "minmax"}})
-    torch.manual_seed(0)
-    student, info = quantized_student(loaded.denoiser, qcfg, traj, batch_size=24)
-    return loaded, traj, cfg, student
+    student, _ = build_student(model.net, qcfg, traj.batches(24))
+    return model, traj, cfg, student
 
 
 def test_select_params_by_role_and_pattern(setup):
@@ -74,88 +76,56 @@ def test_cached_data_is_a_function_of_the_step(setup):
     # visiting steps in another order (a resumed run) gives the same batches
     for step in (0, 7, 31, 3, 45):
         x, y = a.batch(step), b.batch(step)
-        assert torch.equal(x["sample"], y["sample"]) and torch.equal(x["timestep"], y["timestep"])
+        assert torch.equal(x["x"], y["x"]) and torch.equal(x["t"], y["t"])
+        assert torch.equal(x["cond"], y["cond"])
+    # another seed stream, another order
+    other = CachedTrajectoryData(traj, 8, seed=1, stream="other")
+    assert not all(torch.equal(a.batch(s)["x"], other.batch(s)["x"]) for s in range(4))
     # one data epoch visits every (step, sample) pair once, one timestep per batch
     seen = []
     for step in range(a.per_epoch):
         bt = a.batch(step)
-        assert bt["timestep"].unique().numel() == 1
-        seen.append(bt["sample"].shape[0])
+        assert bt["t"].unique().numel() == 1
+        seen.append(bt["x"].shape[0])
     assert sum(seen) == traj.xt.shape[0] * traj.xt.shape[1] * 2  # cond + uncond halves
 
 
 def test_fp_stream_advances_with_the_fp_model_and_replays_exactly(setup):
-    loaded, _, _, _ = setup
-    mk = lambda: FPTrajectoryStream(loaded.denoiser, loaded, SAMPLER, batch_size=3, seed=5)  # noqa: E731
+    model, _, _, _ = setup
+    mk = lambda: FPTrajectoryStream(model, SAMPLER, batch_size=3, seed=5)  # noqa: E731
     s = mk()
     seq = [s(n) for n in range(12)]  # 10 steps of trajectory 0, 2 of trajectory 1
-    ts = [int(b["timestep"][0]) for b in seq]
+    ts = [int(b["t"][0]) for b in seq]
     assert ts[:10] == sorted(ts[:10], reverse=True) and ts[10] == ts[0]  # a new trajectory
-    assert not torch.equal(seq[10]["sample"], seq[0]["sample"])  # from fresh noise
+    assert not torch.equal(seq[10]["x"], seq[0]["x"])  # from fresh noise
+    assert (seq[0]["cond"][3:] == model.null_class).all()  # the unconditional half
     replay = mk()(6)  # a resumed run jumps straight to step 6
-    assert torch.equal(replay["sample"], seq[6]["sample"])
+    assert torch.equal(replay["x"], seq[6]["x"])
     assert torch.equal(replay["target"], seq[6]["target"])
     with torch.no_grad():  # the target is the teacher's own output
-        assert torch.allclose(seq[6]["target"], loaded.denoiser(
-            seq[6]["sample"], seq[6]["timestep"], class_labels=seq[6]["class_labels"]).sample)
-
-
-class Interrupt(RuntimeError):
-    pass
-
-
-def _fit(setup, ckpt_dir, steps, resume=False, stop_at=None, local=False):
-    loaded, traj, cfg, base = setup
-    student = copy.deepcopy(base)
-    groups = [param_group(student, "w", "weight", 1e-3, ["*time_emb_proj", "*to_q"]),
-              param_group(student, "a", "act_scale", 1e-4, param_exclude=["*.softmax.*"])]
-    module = DistillationModule(student, loaded.denoiser, groups, max_steps=steps,
-                                guidance_scale=2.0, optimizer="adamw", schedule="linear",
-                                local_losses=[LocalLoss("tla", ["*time_emb_proj"])] if local else [])
-    stream = FPTrajectoryStream(loaded.denoiser, loaded, SAMPLER, batch_size=2, seed=9)
-    callbacks = []
-    if stop_at is not None:
-        import lightning as L
-
-        class StopAt(L.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step == stop_at:
-                    raise Interrupt(f"interrupted at step {stop_at}")
-
-        callbacks = [StopAt()]
-    stats = fit_distillation(module, FPTrajectoryData(stream), cfg.trainer, ckpt_dir,
-                             max_steps=steps, resume=resume, epoch_steps=2, callbacks=callbacks)
-    return student, stats
-
-
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
-    """Lightning checkpoints (model, AdamW, LR schedule, loop state) + step-indexed data: an
-    interrupted and resumed run ends bit-identical to one that never stopped."""
-    full, stats = _fit(setup, tmp_path / "a", steps=5)
-    assert (tmp_path / "a" / "last.ckpt").is_file() and stats.steps == 5
-    with pytest.raises(Interrupt):
-        _fit(setup, tmp_path / "b", steps=5, stop_at=3)  # last checkpoint: step 2
-    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 2
-    resumed, rstats = _fit(setup, tmp_path / "b", steps=5, resume=True)
-    assert rstats.resumed_from is not None
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    changed = [k for k in a if not torch.equal(a[k], setup[3].state_dict()[k])]
-    assert changed, "training changed nothing"
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    # a finished run is loaded, not trained again
-    again, astats = _fit(setup, tmp_path / "b", steps=5, resume=True)
-    assert astats.seconds == 0.0
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in a.items())
+        b = seq[6]
+        assert torch.allclose(b["target"], model.call(model.net, b["x"], b["t"], b["cond"]))
 
 
 def test_only_selected_parameters_change_and_local_loss_is_logged(setup, tmp_path):
-    student, stats = _fit(setup, tmp_path / "c", steps=2, local=True)
-    before = setup[3].state_dict()
+    model, _, cfg, base = setup
+    student = copy.deepcopy(base)
+    groups = [param_group(student, "w", "weight", 1e-3, ["*time_emb_proj", "*to_q"]),
+              param_group(student, "a", "act_scale", 1e-4, param_exclude=["*.softmax.*"])]
+    terms = [TeacherMSE(guidance_scale=2.0),
+             LayerMSE("tla", ["*time_emb_proj"]).resolve(student, model.net)]
+    module = StudentModule(student, model.net, model, groups, terms, max_steps=2,
+                           optimizer=functools.partial(torch.optim.AdamW, foreach=False))
+    stream = FPTrajectoryStream(model, SAMPLER, batch_size=2, seed=9)
+    stats = fit_module(module, FPTrajectoryData(stream), cfg.trainer, tmp_path, max_steps=2,
+                       checkpoint_every=2)
+    before = base.state_dict()
     after = student.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed
     assert all(k.endswith(("time_emb_proj.weight", "to_q.weight", ".scale")) for k in changed)
     assert not any("softmax" in k for k in changed)
     assert stats.trainable_params == sum(stats.groups.values())
+    values = module.losses(FPTrajectoryData(stream).batch(0))
+    assert set(values) == {"global", "tla", "loss"}
+    assert torch.allclose(values["loss"], values["global"] + values["tla"])
