@@ -97,7 +97,9 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     method = build_method(cfg.method)
     student = method.prepare(teacher, ctx).to(device).eval()
     if student is not teacher:
-        save_student(student, out)
+        from lowbit.export import save_student_files
+
+        save_student_files(student, out)  # weights + quantization map (reload without the method)
 
     n = int(cfg.metrics.num_samples)
     conditions = dataset.conditions(n) if dataset is not None else None
@@ -158,6 +160,7 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
         results["export"] = export_run(out)
         write_json_atomic(results_path, results)
     _log_wandb(cfg, out, results, grid)
+    results = read_results(results_path)  # what is recorded (non-finite values as null)
     print(_summary_table(results))
     return results
 

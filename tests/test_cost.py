@@ -74,7 +74,7 @@ def test_attention_matmuls_counted():
 
 def test_digits_model_costs_and_savings():
     loaded = load_digits_model()
-    fp = loaded.denoiser
+    fp = loaded.net
     fp_cost = model_costs(fp, loaded)
     assert fp_cost["bops"] == 0 and fp_cost["size_mb"] == pytest.approx(
         sum(p.numel() for p in fp.parameters()) * 4 / 2**20)
@@ -86,3 +86,12 @@ def test_digits_model_costs_and_savings():
     assert c["ops_fp"] == fp_cost["ops"]
     assert c["size_x"] > 10  # 1-bit weights: most of the 4.4 MB becomes bits
     assert c["ops"] == fp_cost["ops"]  # W1A32: FP activations → FP MACs, no OPs saving
+
+
+def test_per_input_channel_activations_count_as_flops():
+    """Activation scales that vary along K cannot be applied to an integer accumulator: such a
+    layer dequantizes and computes in floating point, whatever its nominal bits."""
+    per_channel = {"weight": {"bits": 4}, "act": {"bits": 4, "granularity": "channel"}}
+    assert _ops(per_channel) == MACS
+    per_tensor = {"weight": {"bits": 4}, "act": {"bits": 4, "granularity": "tensor"}}
+    assert _ops(per_tensor) == pytest.approx(MACS * 16 / 64)

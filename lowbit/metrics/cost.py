@@ -30,6 +30,7 @@ from lowbit.models.adapter import Denoiser
 from lowbit.quant import model_size
 from lowbit.quant.attention import MATMUL_ATTR
 from lowbit.quant.modules import QuantModuleMixin
+from lowbit.quant.quantizers import UniformQuantizer
 
 FP_BITS = 32
 
@@ -97,7 +98,8 @@ def integer_gemm(module: nn.Module) -> bool:
     that vary along the reduction axis (per input channel or group; per position inside a conv's
     im2col row) cannot be applied to an integer accumulator, so such a layer dequantizes and
     computes in floating point — FLOPs, not BOPs."""
-    kinds = {getattr(q, "kind", None) for q in getattr(module, "act_quantizers", lambda: [])()}
+    kinds = {q.kind for q in getattr(module, "act_quantizers", lambda: [])()
+             if isinstance(q, UniformQuantizer) and not q.passthrough}
     if kinds & {"channel", "group"}:
         return False
     return not ("token" in kinds and isinstance(module, nn.Conv2d))
