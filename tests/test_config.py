@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from lowbit.cli import CONF_DIR
 from lowbit.config import ConfigError, validate
@@ -19,6 +20,9 @@ def _valid_pair(group: str, option: str) -> list[str]:
     """Overrides that make ``group=option`` a runnable combination (method × bits)."""
     import yaml
 
+    if group == "model" and OmegaConf.is_missing(
+            OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml"), "path"):
+        return ["model.path=google/ddpm-cifar10-32"]  # a hub id: composing downloads nothing
     if group == "method":
         supported = yaml.safe_load((CONF_DIR / "method" / f"{option}.yaml").read_text())["supported_bits"]
         return [f"bits={supported[0]}"]
@@ -37,6 +41,12 @@ def test_every_group_option_composes(make_cfg, group, option):
     else:
         assert cfg[group].name == option
     validate(cfg)
+
+
+def test_model_without_a_path_fails_before_compute(make_cfg):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("model=diffusers"))
+    assert e.value.key == "model.path" and "Fix:" in str(e.value)
 
 
 def test_default_config_is_digits_fp(make_cfg):
