@@ -50,6 +50,11 @@ def validate(cfg: DictConfig) -> None:
                           f"choose one of bits={','.join(supported)} for method={method}, "
                           f"or a method that supports bits={bits}")
 
+    if bits != "fp" and _get(cfg, "bits") is not None:  # a name contradicting its bits, bad keys
+        from lowbit.quant import QuantConfig
+
+        QuantConfig.from_dict(OmegaConf.to_container(cfg.bits, resolve=True))
+
     if _get(cfg, "export", False) and (method == "fp" or bits == "fp"):
         raise ConfigError("export", True, "a full-precision run has no quantized model to pack",
                           "set export=false, or choose a quantized method and bits")

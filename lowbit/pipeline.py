@@ -18,6 +18,7 @@ from lowbit.methods import MethodContext, build_method
 from lowbit.metrics import build_metrics
 from lowbit.metrics.cost import model_costs
 from lowbit.models.adapter import Denoiser
+from lowbit.quant import bits_label
 from lowbit.sampling import SamplerConfig, sample_many
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
 
@@ -141,7 +142,8 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     results = {
         "model": cfg.model.name,
         "method": method.label,
-        "bits": cfg.bits.name,
+        "bits": bits_label(OmegaConf.to_container(cfg.bits, resolve=True)),
+        "bits_preset": cfg.bits.name,
         "dataset": cfg.dataset.name,
         "sampler": cfg.sampler.name,
         "metrics": metrics,
@@ -227,7 +229,7 @@ def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) ->
         enabled=lg.name == "wandb",
         project=lg.get("project"), entity=lg.get("entity"), group=lg.get("group"),
         mode=lg.get("mode", "offline"), dir=str(out), tags=list(cfg.get("tags", [])),
-        name=f"{cfg.model.name}-{cfg.method.name}-{cfg.bits.name}-{cfg.sampler.name}",
+        name=f"{results['model']}-{results['method']}-{results['bits']}-{results['sampler']}",
         config=results["config"], reinit="finish_previous",
     )
     try:

@@ -158,7 +158,7 @@ def test_calibration_skips_binarizers_and_size_counts_one_bit():
     spec = BinarySpec(weight="xnor", act="keep")
     torch.manual_seed(0)
     m = _Tiny()
-    cfg = {**W1A1, "act": {"bits": 4, "init": "minmax"}}
+    cfg = {**W1A1, "name": "w1a4", "act": {"bits": 4, "init": "minmax"}}
     quantize_(m, QuantConfig.from_dict(cfg))
     binarize_(m, spec)
     res = calibrate_(m, [{"x": torch.randn(4, 2, 6, 6)}])

@@ -28,7 +28,7 @@ from lowbit.quant import (
     quantize_,
 )
 
-BITS_DIR = Path(__file__).resolve().parents[1] / "conf" / "bits"
+BITS_DIR = Path(__file__).resolve().parents[1] / "lowbit" / "conf" / "bits"
 SQNR_MIN_DB = 25.0
 
 # (linear, conv, attention modules, split convs) of each preset; cross-checked below by a walk

@@ -160,7 +160,7 @@ def test_attention_processor_explicit_path_matches_sdpa(preset: str) -> None:
     8-bit quantizers the output moves but stays close."""
     model = build_preset(preset)
     fp = copy.deepcopy(model)
-    quantize_(model, {**W8A8, "weight": {"bits": None}, "act": {"bits": None}, "attn_bits": 8})
+    quantize_(model, {**W8A8, "weight": {"bits": None}, "act": {"bits": None}, "attn_bits": 8, "name": "attn8"})
     procs = [m.processor for m in model.modules() if isinstance(m, Attention)]
     assert procs and all(isinstance(p, QuantAttnProcessor) for p in procs)
     kw = {"sample_size": 16} if preset == "sd_v1" else {}
