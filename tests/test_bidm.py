@@ -8,40 +8,48 @@ import pytest
 import torch
 
 from lowbit.cli import compose_config
+from lowbit.data.digits import load_digits_tensors
 from lowbit.methods.base import MethodContext
 from lowbit.methods.bidm import (
     BiDM,
-    CrossTimestepExtension,
-    SPDExtension,
+    CrossTimestepTerm,
+    SPDLoss,
     attach_cross_timestep,
     cross_timestep_blocks,
     patch_gram,
     reset_cross_timestep,
     spd_loss,
 )
-from lowbit.methods.qat_data import QATDiffusionModule, build_binary_student, timestep_blocks
 from lowbit.models.digits import load_digits_model
 from lowbit.quant.binary import ActBinarizer, BinaryConv2d
-from lowbit.sampling import GuidedDenoiser, SamplerConfig, sample_many
+from lowbit.sampling import SamplerConfig, sample_many
+from lowbit.train import (
+    DiffusionLoss,
+    NoiseSchedule,
+    RealImageData,
+    StudentModule,
+    qat_groups,
+    timestep_blocks,
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("bidm")
-    cfg = compose_config(["method=bidm", "bits=w1a1", f"paths.cache_dir={tmp / 'cache'}"],
-                         output_dir=tmp / "run")
+    cfg = compose_config(["method=bidm", "bits=w1a1", "method.calib_n=64",
+                          f"paths.cache_dir={tmp / 'cache'}"], output_dir=tmp / "run")
     loaded = load_digits_model()
-    ctx = MethodContext(cfg=cfg, output_dir=tmp / "run", cache_dir=tmp / "cache", loaded=loaded)
+    ctx = MethodContext(cfg=cfg, output_dir=tmp / "run", cache_dir=tmp / "cache", model=loaded)
     method = BiDM(cfg.method)
-    student = build_binary_student(loaded.denoiser, ctx, method.binary_spec(), calib_batches=1)
+    student = method.binary_student(loaded.net, ctx, method.binary_spec())
     return loaded, method, student
 
 
 def _inputs(n: int, t: int) -> dict:
     g = torch.Generator().manual_seed(t)
-    return {"sample": torch.randn(n, 1, 16, 16, generator=g), "timestep": torch.full((n,), t),
-            "class_labels": torch.arange(n) % 10}
+    return load_digits_model().inputs(torch.randn(n, 1, 16, 16, generator=g),
+                                      torch.full((n,), t), torch.arange(n) % 10)
 
 
 def test_tbs_layers_have_thresholds_scaling_and_shortcut(setup):
@@ -61,7 +69,7 @@ def test_cross_timestep_changes_outputs_only_where_enabled(setup):
     s = copy.deepcopy(student)
     wrappers = attach_cross_timestep(s, 2)
     assert [w for w in cross_timestep_blocks(s)] == wrappers
-    ups = [b.output for b in timestep_blocks(loaded.denoiser) if b.stage == "up"]
+    ups = [b.output for b in timestep_blocks(loaded.net) if b.stage == "up"]
     watched = [ups[0], ups[-3], ups[-2], ups[-1]]  # two unwrapped, two wrapped blocks
     feats: dict[str, list] = {n: [] for n in watched}
     for n in watched:
@@ -111,19 +119,19 @@ def test_sampling_with_cross_timestep_under_ddim_at_another_step_count(setup):
     blends = []
     orig = wrappers[-1].alpha_for
     wrappers[-1].alpha_for = lambda t, like: (blends.append(int(t[0])), orig(t, like))[1]
-    den = GuidedDenoiser(s, loaded.null_class)
+    den = loaded.with_net(s)
     cfg = SamplerConfig(kind="ddim", steps=7, guidance_scale=2.0, batch_size=10)
     labels = torch.arange(10)
-    a = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    a = sample_many(den, cfg, labels, 10, seed=3, progress=False)
     n_first = len(blends)
-    b = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    b = sample_many(den, cfg, labels, 10, seed=3, progress=False)
     assert torch.isfinite(a).all()
     # 7 DDIM steps: every step but the first blends in the previous one, in both runs
     assert n_first == 6 and len(blends) == 12
     torch.testing.assert_close(a, b)  # state reset at the highest timestep: reproducible
     for w in wrappers:
         w.disable()
-    c = sample_many(den, loaded.noise_schedule, cfg, labels, (1, 16, 16), seed=3, progress=False)
+    c = sample_many(den, cfg, labels, 10, seed=3, progress=False)
     assert not torch.allclose(a, c)
 
 
@@ -141,33 +149,29 @@ def test_spd_maps_are_normalised_patch_grams():
 
 def test_training_steps_reduce_bidm_loss(setup):
     loaded, _, student = setup
-    from lowbit.data.digits import load_digits_tensors
-
     s = copy.deepcopy(student)
     attach_cross_timestep(s, 4)
-    names = [b.output for b in timestep_blocks(loaded.denoiser)]
-    exts = [CrossTimestepExtension(s, 50), SPDExtension(names, 1e-2, 4)]
-    module = QATDiffusionModule(s, loaded.denoiser, loaded.noise_schedule, 10, exts, lr=1e-3,
-                                max_steps=100)
+    names = [b.output for b in timestep_blocks(loaded.net)]
+    terms = [DiffusionLoss(), CrossTimestepTerm(s, 50, NoiseSchedule(loaded.noise_schedule)),
+             SPDLoss(names, 1e-2, 4)]
+    module = StudentModule(s, loaded.net, loaded, qat_groups(s, 1e-3, None), terms,
+                           max_steps=100)
     x, y = load_digits_tensors()
-    torch.manual_seed(2)
-    batch = module.make_batch(x[:16], y[:16])
+    batch = RealImageData(loaded, x[:16], y[:16], 16, seed=2).batch(0)
     with torch.no_grad():
         before = {k: float(v) for k, v in module.losses(batch).items()}
-    assert set(before) == {"task", "spd", "total"}
-    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-3)
+    assert set(before) == {"task", "spd", "loss"}
+    opt = torch.optim.Adam([p for g in module.groups for _, p in g.params], lr=1e-3)
     alpha0 = cross_timestep_blocks(s)[0].alpha.detach().clone()
     for _ in range(5):
         opt.zero_grad()
-        module.losses(batch)["total"].backward()
+        module.losses(batch)["loss"].backward()
         opt.step()
     with torch.no_grad():
         after = {k: float(v) for k, v in module.losses(batch).items()}
-    assert after["total"] < 0.8 * before["total"], (before, after)
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
     assert after["spd"] < before["spd"]
     assert not torch.equal(cross_timestep_blocks(s)[0].alpha.detach(), alpha0)  # α is trained
-    module.student_tap.remove()
-    module.teacher_tap.remove()
 
 
 def test_labels_name_the_ablations():

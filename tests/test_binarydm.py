@@ -8,25 +8,28 @@ import pytest
 import torch
 
 from lowbit.cli import compose_config
+from lowbit.data.digits import load_digits_tensors
 from lowbit.methods.base import MethodContext
 from lowbit.methods.binarydm import (
     BinaryDM,
-    EBBExtension,
-    LRMExtension,
-    _block_channels,
+    EBBRegularizer,
+    LRMLoss,
+    block_channels,
     channel_pca,
     ebb_block_set,
     project,
 )
-from lowbit.methods.qat_data import (
-    QATDiffusionModule,
-    build_binary_student,
+from lowbit.models.digits import load_digits_model
+from lowbit.quant.binary import EBBWeightBinarizer, SignWeightBinarizer, ebb_binarizers
+from lowbit.train import (
+    DiffusionLoss,
+    RealImageData,
+    StepOutputs,
+    StudentModule,
+    qat_groups,
     real_calibration_batches,
     timestep_blocks,
 )
-from lowbit.models.digits import load_digits_model
-from lowbit.pipeline import run_experiment
-from lowbit.quant.binary import EBBWeightBinarizer, SignWeightBinarizer, ebb_binarizers
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +37,13 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("binarydm")
     # W1A32 keeps the fixture fast (no activation calibration); the run test covers W1A4
-    cfg = compose_config(["method=binarydm", "bits=w1a32", f"paths.cache_dir={tmp / 'cache'}"],
-                         output_dir=tmp / "run")
+    cfg = compose_config(["method=binarydm", "bits=w1a32", "method.calib_n=128",
+                          f"paths.cache_dir={tmp / 'cache'}"], output_dir=tmp / "run")
     loaded = load_digits_model()
-    ctx = MethodContext(cfg=cfg, output_dir=tmp / "run", cache_dir=tmp / "cache", loaded=loaded)
+    ctx = MethodContext(cfg=cfg, output_dir=tmp / "run", cache_dir=tmp / "cache", model=loaded)
     method = BinaryDM(cfg.method)
-    blocks = timestep_blocks(loaded.denoiser)
-    student = build_binary_student(loaded.denoiser, ctx, method.spec_for(blocks), calib_batches=2)
+    blocks = timestep_blocks(loaded.net)
+    student = method.binary_student(loaded.net, ctx, method.spec_for(blocks))
     return loaded, ctx, method, blocks, student
 
 
@@ -80,70 +83,73 @@ def test_channel_pca_is_over_channels_not_width():
 def test_lrm_is_zero_for_the_teacher_and_stored_as_buffers(setup):
     loaded, _, _, blocks, _ = setup
     names = [b.output for b in blocks]
-    lrm = LRMExtension(names, _block_channels(loaded.denoiser, loaded, names), 1e-4)
-    lrm.fit_pca(loaded.denoiser, real_calibration_batches(loaded.noise_schedule, 10, 1, 32))
+    lrm = LRMLoss(names, block_channels(loaded, loaded.net, names), 1e-4)
+    lrm.fit_pca(loaded, loaded.net, _calib(loaded))
     assert bool(lrm.fitted)
     sd = lrm.state_dict()
     assert {f"basis_{i}" for i in range(len(names))} <= set(sd)
     assert sd["basis_0"].shape == (32, 8)  # C = 32 → top C/4 directions
     feats = {n: torch.randn(2, c, 4, 4) for n, c in zip(names, lrm_channels(lrm))}
-    assert float(lrm.loss(feats, feats)) == 0.0
+    assert float(lrm(StepOutputs({}, None, feats, None, feats))) == 0.0
 
 
-def lrm_channels(lrm: LRMExtension) -> list[int]:
+def _calib(model):
+    x, y = load_digits_tensors()
+    return real_calibration_batches(model, x, y, 32, 32, seed=1)
+
+
+def lrm_channels(lrm: LRMLoss) -> list[int]:
     return [getattr(lrm, f"mean_{i}").numel() for i in range(len(lrm.feature_names))]
 
 
-def _steps(module: QATDiffusionModule, batch, n: int, lr: float = 5e-4) -> None:
-    opt = torch.optim.Adam(module.trainable_parameters(), lr=lr)
+def _params(module: StudentModule) -> list:
+    return [p for g in module.groups for _, p in g.params]
+
+
+def _steps(module: StudentModule, batch, n: int, lr: float = 5e-4) -> None:
+    opt = torch.optim.Adam(_params(module), lr=lr)
     for _ in range(n):
         opt.zero_grad()
-        module.losses(batch)["total"].backward()
+        module.losses(batch)["loss"].backward()
         opt.step()
 
 
-def _losses(module: QATDiffusionModule, batch) -> dict[str, float]:
+def _losses(module: StudentModule, batch) -> dict[str, float]:
     with torch.no_grad():
         return {k: float(v) for k, v in module.losses(batch).items()}
 
 
 def test_training_steps_reduce_binarydm_loss(setup):
     loaded, _, _, blocks, student = setup
-    from lowbit.data.digits import load_digits_tensors
-
     names = [b.output for b in blocks]
-    chans = _block_channels(loaded.denoiser, loaded, names)
-    lrm = LRMExtension(names, chans, 1e-4)
-    lrm.fit_pca(loaded.denoiser, real_calibration_batches(loaded.noise_schedule, 10, 1, 32))
-    ebb = EBBExtension(ebb_binarizers(student), tau=0.09, switch_at=1.0)
-    module = QATDiffusionModule(student, loaded.denoiser, loaded.noise_schedule, 10, [ebb, lrm],
-                                lr=5e-4, max_steps=100)
+    chans = block_channels(loaded, loaded.net, names)
+    lrm = LRMLoss(names, chans, 1e-4)
+    lrm.fit_pca(loaded, loaded.net, _calib(loaded))
+    ebb = EBBRegularizer(ebb_binarizers(student), tau=0.09, switch_at=1.0)
+    module = StudentModule(student, loaded.net, loaded, qat_groups(student, 5e-4, None),
+                           [DiffusionLoss(), ebb, lrm], max_steps=100)
     x, y = load_digits_tensors()
-    torch.manual_seed(1)
-    batch = module.make_batch(x[:16], y[:16])
+    batch = RealImageData(loaded, x[:16], y[:16], 16, seed=1).batch(0)
     before = _losses(module, batch)
-    assert set(before) == {"task", "ebb_reg", "lrm", "total"}
+    assert set(before) == {"task", "ebb_reg", "lrm", "loss"}
     _steps(module, batch, 5)
     after = _losses(module, batch)
-    assert after["total"] < 0.8 * before["total"], (before, after)
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
     assert after["ebb_reg"] < before["ebb_reg"]  # σ₂ shrinks under τ·mean|σ₂|
     # LRM's own gradient (weight 1e-4 in the paper) is drowned by the task loss in a few steps;
     # alone, it pulls the student's low-rank features towards the teacher's
     lrm.weight = 1.0
-    only_lrm = QATDiffusionModule(student, loaded.denoiser, loaded.noise_schedule, 10, [lrm],
-                                  lr=5e-4, max_steps=100)
+    only_lrm = StudentModule(student, loaded.net, loaded, qat_groups(student, 5e-4, None),
+                             [lrm], max_steps=100)
     with torch.no_grad():
         lrm_before = float(only_lrm.losses(batch)["lrm"])
-    opt = torch.optim.Adam(only_lrm.trainable_parameters(), lr=5e-4)
+    opt = torch.optim.Adam(_params(only_lrm), lr=5e-4)
     for _ in range(3):
         opt.zero_grad()
         only_lrm.losses(batch)["lrm"].backward()
         opt.step()
     with torch.no_grad():
         assert float(only_lrm.losses(batch)["lrm"]) < lrm_before
-    for m in (module, only_lrm):
-        m.student_tap.remove()
-        m.teacher_tap.remove()
 
 
 def test_labels_name_the_ablations():
@@ -156,18 +162,20 @@ def test_labels_name_the_ablations():
 
 def test_binarydm_run_writes_costs_checkpoint_and_resumes(make_cfg, tmp_path):
     out = tmp_path / "run"
+    from lowbit.pipeline import run_experiment
+
     ov = ["method=binarydm", "bits=w1a4", "method.steps=3", "method.batch_size=8",
-          "method.calib_batches=1", "method.lrm_samples=64", "metrics.num_samples=20",
+          "method.calib_n=64", "method.lrm_samples=64", "metrics.num_samples=20",
           "sampler.steps=3", "logger=none"]
     res = run_experiment(make_cfg(*ov, output_dir=out))
     cost = res["cost"]
-    for k in ("size_mb", "ops", "train_s", "trainable_params", "ops_fp", "size_x", "ops_x"):
+    for k in ("size_mb", "ops", "finetune_s", "calib_s", "trainable_params", "ops_fp", "size_x", "ops_x"):
         assert k in cost, k
     assert cost["size_x"] > 10 and cost["ops_x"] > 5
     assert res["method"] == "binarydm" and res["report"]["training"]["steps"] == 3
     assert (out / "checkpoints" / "last.ckpt").is_file()
     ck = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert any(k.startswith("extensions.1.basis_") for k in ck["state_dict"])  # LRM bases
+    assert any(k.startswith("terms.2.basis_") for k in ck["state_dict"])  # LRM bases
     assert not any(k.startswith("teacher.") for k in ck["state_dict"])
     # after training every EBB keeps one basis: the saved model is purely 1-bit
     from safetensors.torch import load_file
@@ -183,6 +191,7 @@ def test_binarydm_run_writes_costs_checkpoint_and_resumes(make_cfg, tmp_path):
 
 def test_unsupported_bits_fail_before_compute(make_cfg):
     from lowbit.config import ConfigError
+    from lowbit.pipeline import run_experiment
 
     with pytest.raises(ConfigError, match="bits"):
         run_experiment(make_cfg("method=binarydm", "bits=w1a1", "logger=none"))
@@ -190,15 +199,17 @@ def test_unsupported_bits_fail_before_compute(make_cfg):
 
 def test_quantizer_scales_get_their_own_learning_rate(setup):
     loaded, _, _, _, student = setup
-    module = QATDiffusionModule(student, loaded.denoiser, loaded.noise_schedule, 10, [],
-                                lr=1e-3, scale_lr=1e-4, max_steps=10)
-    scales = {id(p) for p in module.scale_parameters()}
     ebb = ebb_binarizers(student)
+    groups = qat_groups(student, 1e-3, 1e-4, keep_lr=[b.sigma2 for b in ebb])
+    assert [g.name for g in groups] == ["weights", "scales"]
+    scales = {id(p) for _, p in groups[1].params}
     assert all(id(b.sigma1) in scales and id(b.sigma2) not in scales for b in ebb)
     plain = [m.weight_quantizer for m in student.modules()
              if isinstance(getattr(m, "weight_quantizer", None), SignWeightBinarizer)]
     assert all(id(q.alpha) in scales for q in plain)
-    (opt,), _ = module.configure_optimizers()
+    params = BinaryDM(compose_config(["method=binarydm", "method.steps=10"]).method).params
+    module = StudentModule(student, loaded.net, loaded, groups, [DiffusionLoss()], max_steps=10,
+                           optimizer=params.build_optimizer(), scheduler=params.build_scheduler())
+    opt = module.configure_optimizers()["optimizer"]
+    assert type(opt) is torch.optim.AdamW
     assert sorted(g["lr"] for g in opt.param_groups) == [1e-4, 1e-3]
-    module.student_tap.remove()
-    module.teacher_tap.remove()

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from lowbit.data.trajectories import fp_trajectories
 from lowbit.methods import MethodContext, build_method
-from lowbit.methods.distill import quantized_student, select_params
 from lowbit.methods.efficientdm import (
     EfficientDM,
     QALoRAConv2d,
@@ -27,10 +26,11 @@ from lowbit.metrics.fidelity import eps_mse
 from lowbit.models.digits import load_digits_model
 from lowbit.quant import QuantConv2d, TimestepActQuantizer, quant_disabled
 from lowbit.sampling import build_scheduler
+from lowbit.train import build_student, select_params
 
 FAST = ("sampler.steps=10", "method.calib_n=16", "method.calib_steps=10", "method.batch_size=8",
         "bits.act.init=minmax", "bits.weight.init=minmax", "trainer.enable_progress_bar=false",
-        "method.ckpt_every=10", "method.act_lr=3e-5")
+        "method.checkpoint_every=10", "method.act_lr=3e-5", "logger=none")
 # digits budget: tens of steps instead of thousands, so larger LoRA / weight learning rates
 LR = {"efficientdm": ("method.lora_lr_div=100",), "qat": ("method.weight_lr=2e-5",)}
 
@@ -47,7 +47,7 @@ def _ctx(make_cfg, method, *overrides):
     cfg = make_cfg(f"method={method}", "bits=w4a4", *FAST, *LR[method], *overrides)
     loaded = load_digits_model()
     return cfg, MethodContext(cfg=cfg, output_dir=Path(cfg.paths.output_dir),
-                              cache_dir=Path(cfg.paths.cache_dir), loaded=loaded), loaded
+                              cache_dir=Path(cfg.paths.cache_dir), model=loaded), loaded
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,10 @@ def ptq_student(tmp_path_factory):
                           f"paths.cache_dir={tmp_path_factory.mktemp('c')}"])
     loaded = load_digits_model()
     ctx = MethodContext(cfg=cfg, output_dir=tmp_path_factory.mktemp("r"),
-                        cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
-    traj = calibration_set(ctx, loaded.denoiser, 8, 10)
+                        cache_dir=Path(cfg.paths.cache_dir), model=loaded)
+    traj = calibration_set(ctx, loaded.net, 8, 10)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True, "interp": "linear"}})
-    student, _ = quantized_student(loaded.denoiser, qcfg, traj, 16)
+    student, _ = build_student(loaded.net, qcfg, traj.batches(16))
     return cfg, loaded, traj, student
 
 
@@ -171,11 +171,11 @@ def test_finetune_beats_its_ptq_start_on_held_out_trajectories(make_cfg, method)
     held-out ε error of the W4A4 PTQ student by at least 5 % (measured: EfficientDM 7 %,
     QAT 12 %)."""
     cfg, ctx, loaded = _ctx(make_cfg, method, "method.steps=30")
-    teacher = loaded.denoiser
+    teacher = loaded.net
     torch.manual_seed(0)
     traj = calibration_set(ctx, teacher, 16, 10)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True, "interp": "linear"}})
-    ptq, _ = quantized_student(teacher, qcfg, traj, 128)
+    ptq, _ = build_student(teacher, qcfg, traj.batches(128))
     held = fp_trajectories(loaded, sampler_config(cfg), n=16, calib_steps=10, seed=777,
                            cache_dir=ctx.cache_dir)
     torch.manual_seed(0)

@@ -33,11 +33,11 @@ def trajectories(tmp_path_factory):
 
 def test_trajectories_are_cached_and_carry_cond_and_uncond(trajectories, tmp_path):
     loaded, (calib, _) = trajectories
-    batch = next(calib.batches(8))
+    batch = calib.batch(0, torch.arange(8))
     # conditional and unconditional halves in one batch, one timestep per batch
-    assert batch["sample"].shape == (16, 1, 16, 16)
-    assert (batch["class_labels"][8:] == loaded.null_class).all()
-    assert batch["timestep"].unique().numel() == 1
+    assert batch["x"].shape == (16, 1, 16, 16)
+    assert (batch["cond"][8:] == loaded.null_class).all()
+    assert batch["t"].unique().numel() == 1
     sampler = SamplerConfig(kind="ddim", steps=4, guidance_scale=2.0, batch_size=8)
     a = fp_trajectories(loaded, sampler, n=8, calib_steps=2, seed=0, cache_dir=tmp_path)
     files = list((tmp_path / "trajectories").glob("*.safetensors"))
@@ -50,7 +50,7 @@ def test_trajectories_are_cached_and_carry_cond_and_uncond(trajectories, tmp_pat
 def test_naive_ptq_ordering_w8a8_w4a8_w4a4(trajectories):
     """The papers' shape on held-out FP trajectories: W8A8 ≈ FP, W4A8 worse, W4A4 far worse."""
     loaded, (calib, held) = trajectories
-    teacher = loaded.denoiser
+    teacher = loaded.net
     errs = {}
     for bits in ("w8a8", "w4a8", "w4a4"):
         cfg = compose_config([f"bits={bits}", "method=ptq"])

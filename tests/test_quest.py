@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 from lowbit.data.trajectories import fp_trajectories
 from lowbit.methods import MethodContext, build_method
-from lowbit.methods.distill import quantized_student, select_params
 from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
 from lowbit.methods.quest import QuEST, family_layers
 from lowbit.metrics.fidelity import eps_mse
 from lowbit.models.digits import load_digits_model
+from lowbit.train import HParamError, build_student, select_params
 
 # digits budget: tens of steps instead of the paper's thousands, so the learning rates are
 # raised (the paper's are the config defaults); min–max init keeps calibration fast
@@ -38,7 +38,7 @@ def _ctx(make_cfg, *overrides):
     cfg = make_cfg("method=quest", "bits=w4a4", *FAST, *overrides)
     loaded = load_digits_model()
     ctx = MethodContext(cfg=cfg, output_dir=Path(cfg.paths.output_dir),
-                        cache_dir=Path(cfg.paths.cache_dir), loaded=loaded)
+                        cache_dir=Path(cfg.paths.cache_dir), model=loaded)
     return cfg, ctx, loaded
 
 
@@ -56,9 +56,9 @@ def test_stages_key_selects_what_trains(make_cfg):
     cfg, ctx, loaded = _ctx(make_cfg, "method.stages=[tla]")
     method = build_method(cfg.method)
     assert isinstance(method, QuEST) and method.label == "quest[tla]"
-    traj = calibration_set(ctx, loaded.denoiser, 8, 2)
+    traj = calibration_set(ctx, loaded.net, 8, 2)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True}})
-    student, _ = quantized_student(loaded.denoiser, qcfg, traj, 16)
+    student, _ = build_student(loaded.net, qcfg, traj.batches(16))
     # TLA: only the ResBlocks' time_emb_proj — weights, biases, their activation Δ
     tla, local = method.stage_groups(student, "tla", "digits")
     names = [n for g in tla for n, _ in g.params]
@@ -79,7 +79,7 @@ def test_stages_key_selects_what_trains(make_cfg):
     # weight quantizer Δ never train in QuEST
     ws = {id(p) for _, p in select_params(student, "weight_scale")}
     assert not ws & {id(p) for g in tla + cma for _, p in g.params}
-    with pytest.raises(ValueError, match="method.stages"):
+    with pytest.raises(HParamError, match="method.stages"):
         _ = QuEST(OmegaConf.merge(cfg.method, {"stages": ["tla", "xyz"]})).stages
 
 
@@ -87,12 +87,12 @@ def test_quest_beats_its_ptq_start_on_held_out_trajectories(make_cfg):
     """EFFECT: TLA then CMA (15 + 15 steps) lower the held-out ε error of the W4A4 PTQ student
     by at least 5 % (measured: 9 %)."""
     cfg, ctx, loaded = _ctx(make_cfg, "method.tla.steps=15", "method.cma.steps=15")
-    teacher = loaded.denoiser
+    teacher = loaded.net
     # PTQ start: the same quantization and calibration data as QuEST's own
     torch.manual_seed(0)
     traj = calibration_set(ctx, teacher, 32, 10)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True}})
-    ptq, _ = quantized_student(teacher, qcfg, traj, 128)
+    ptq, _ = build_student(teacher, qcfg, traj.batches(128))
     held = fp_trajectories(loaded, sampler_config(cfg), n=16, calib_steps=10, seed=777,
                            cache_dir=ctx.cache_dir)  # other noise, other samples
     torch.manual_seed(0)
