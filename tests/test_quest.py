@@ -23,7 +23,7 @@ from lowbit.train import HParamError, build_student, select_params
 FAST = ("sampler.steps=10", "method.calib_n=32", "method.calib_steps=10", "method.batch_size=16",
         "bits.act.init=minmax", "bits.weight.init=minmax", "trainer.enable_progress_bar=false",
         "method.tla.lr=3e-4", "method.tla.act_lr=3e-5", "method.cma.lr=1e-4",
-        "method.cma.act_lr=3e-5", "method.ckpt_every=10")
+        "method.cma.act_lr=3e-5", "method.checkpoint_every=10", "logger=none")
 
 
 @pytest.fixture(scope="module", autouse=True)
