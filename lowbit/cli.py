@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("lowbit")
@@ -33,20 +35,74 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], flo
 
 
 def _record_failure(out: Path, cfg: DictConfig, e: Exception) -> None:
-    from lowbit.pipeline import RESULTS
+    """``results.json`` with status failed and the error — unless the folder holds a finished
+    result, or an unreadable one (the refusal names it), which a failure never replaces."""
+    from lowbit.rundir import RESULTS
     from lowbit.tracking import read_results, write_json_atomic
 
     path = out / RESULTS
     try:
-        if path.is_file() and read_results(path).get("status") == "done":
-            return  # never overwrite results already written
         if not out.is_dir():
             return
+        if path.is_file() and read_results(path).get("status") == "done":
+            log.error("this attempt failed; %s keeps the earlier finished result", path)
+            return  # never overwrite results already written
+        sampler = cfg.get("sampler") or {}
         write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                 "model": cfg.model.name, "method": cfg.method.name,
-                                 "bits": cfg.bits.name, "sampler": cfg.sampler.name})
+                                 "model": _label(cfg, "model.name"),
+                                 "method": _label(cfg, "method.name"),
+                                 "bits": _label(cfg, "bits.name"),
+                                 "sampler": f"{sampler.get('kind')}{sampler.get('steps')}",
+                                 "sampler_preset": _label(cfg, "sampler.name")})
     except Exception:  # noqa: BLE001 - reporting the original error matters more
         pass
+
+
+def _label(cfg: DictConfig, key: str) -> object:
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # noqa: BLE001 - an unresolvable value is not worth a second error
+        return None
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: an unwritable ``hydra.run.dir`` / ``hydra.sweep.dir`` is reported as
+    lowbit's own error (exit status 1), before Hydra tries to create it. Hydra turns a
+    callback's exception into a warning, so the error is printed here and the process exits."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        _exit_on_error(_check_hydra_dir, config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        _exit_on_error(_check_hydra_dir, config, "hydra.sweep.dir")
+
+
+def _exit_on_error(check: Callable[..., None], *args: object) -> None:
+    import sys
+
+    from lowbit.config import ConfigError
+
+    try:
+        check(*args)
+    except ConfigError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from e
+
+
+def _check_hydra_dir(config: DictConfig, key: str) -> None:
+    from lowbit.config import ConfigError
+
+    try:
+        folder = Path(str(OmegaConf.select(config, key)))
+    except Exception:  # noqa: BLE001 - Hydra reports its own interpolation errors
+        return
+    fix = f"pass {key}=<a writable folder> (or paths.log_dir=<a writable folder>)"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(key, str(folder), f"cannot create it ({e.strerror})", fix) from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(folder), "is not writable", fix)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -37,6 +37,7 @@ so that the packed model computes what the fake-quant model computes.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -49,6 +50,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from lowbit.rundir import RESULTS, STUDENT, STUDENT_FINGERPRINT_KEY, folder_fingerprint
 
 FORMAT = "lowbit-packed/1"
 PACKED_DIR = "packed"
@@ -87,14 +90,10 @@ _NO_PACKED_FORM = {
 # reading a run
 # ------------------------------------------------------------------------------------------------
 def _results_file() -> str:
-    from lowbit.pipeline import RESULTS
-
     return RESULTS
 
 
 def _student_file() -> str:
-    from lowbit.pipeline import STUDENT
-
     return STUDENT
 
 
@@ -192,17 +191,43 @@ def save_quant_map(student: nn.Module, out: str | Path) -> Path:
     return _save(student, Path(out) / QMAP_FILE)
 
 
-def save_student_files(student: nn.Module, out: str | Path) -> tuple[Path, Path]:
+def save_student_files(student: nn.Module, out: str | Path, fingerprint: str | None = None
+                       ) -> tuple[Path, Path]:
     """Write ``<out>/student.safetensors`` and ``<out>/quant_map.json``: everything
     :func:`load_student` needs besides the run's config. The map is written first (it fails on
-    a module it could not rebuild), then the tensors."""
+    a module it could not rebuild), then the tensors, whose metadata carries ``fingerprint``
+    (default: that of the attempt writing ``out``, :func:`lowbit.rundir.folder_fingerprint`),
+    so export can check that the student belongs to the results beside it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     qmap = save_quant_map(student, out)
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     path = out / _student_file()
-    _write_atomic(path, lambda p: save_file(state, str(p)))
+    fingerprint = fingerprint or folder_fingerprint(out)
+    meta = {STUDENT_FINGERPRINT_KEY: fingerprint} if fingerprint else None
+    _write_atomic(path, lambda p: save_file(state, str(p), metadata=meta))
     return path, qmap
+
+
+def _check_student_belongs(run_dir: Path, path: Path, fix: str) -> None:
+    """The student's fingerprint must be the one its results.json records (a student of another
+    attempt — an older lowbit's failed re-run — packs the wrong model)."""
+    from lowbit.rundir import read_json, student_fingerprint
+
+    try:
+        expected = read_json(run_dir / _results_file()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return  # read_run_config reported the file already
+    if not expected:
+        return  # results written before runs carried a fingerprint: nothing to compare
+    try:
+        got = student_fingerprint(path)
+    except Exception as e:  # noqa: BLE001 - _load_safetensors names a corrupt file
+        raise ValueError(f"{path} is not a valid safetensors file ({e}). {fix}") from e
+    if got != expected:
+        raise ValueError(
+            f"{path} does not belong to {run_dir / _results_file()}: its fingerprint is {got!r}, "
+            f"the results' is {expected!r} (the student of another attempt or config). {fix}")
 
 
 def _read_qmap(run_dir: Path, fix: str) -> dict[str, Any]:
@@ -236,6 +261,7 @@ def _load_student(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, A
            f"method={config.get('method', {}).get('name', 'ptq')} bits={bits} "
            f"hydra.run.dir={run_dir} force=true`; method=fp runs have nothing to export.")
     state = _load_safetensors(path, fix)
+    _check_student_belongs(run_dir, path, fix)
     qmap = _read_qmap(run_dir, fix)
     from lowbit.quant.qmap import QMAP_FILE
 
@@ -374,18 +400,50 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, writer) -> None:
+    from lowbit.tracking import FILE_MODE
+
     tmp = path.with_name(path.name + ".tmp")
-    writer(tmp)
-    tmp.replace(path)
+    try:
+        writer(tmp)
+        tmp.chmod(FILE_MODE)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def export_run(run_dir: str | Path) -> dict[str, Any]:
+_WRITE_ERRORS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES,
+                 errno.EROFS, errno.EPERM)
+
+
+def export_run(run_dir: str | Path, report_dir: str | Path | None = None) -> dict[str, Any]:
     """Pack a quantized run's student into ``<run dir>/packed/``; returns the size summary (also
-    in the manifest), which the pipeline stores as ``results["export"]``."""
-    from lowbit.quant.attention import MATMUL_ATTR
-
+    in the manifest), which the pipeline stores as ``results["export"]``. ``report_dir``: the
+    folder the summary's paths name (the run dir a staging folder is swapped into)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    out_dir = run_dir / PACKED_DIR
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write {out_dir} ({e.strerror}). Fix: make {run_dir} writable, "
+                         f"or copy the run folder somewhere writable and export the copy") from e
+    try:
+        return _export_run(run_dir, config, Path(report_dir) if report_dir else run_dir)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        raise ValueError(f"writing {e.filename or out_dir} failed ({e.strerror}); the run's own "
+                         f"files are untouched. Fix: free space / make {out_dir} writable and "
+                         f"re-run lowbit-export") from e
+
+
+def _export_run(run_dir: Path, config: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    from lowbit.quant.attention import MATMUL_ATTR
+
     student, config, qmap = _load_student(run_dir)
     fp16_total = _fp16_bytes(student)
     layers = pack_model_(student)
@@ -394,7 +452,6 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
 
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     out_dir = run_dir / PACKED_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / PACKED_WEIGHTS
     _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
 
@@ -433,11 +490,12 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
     kernels = Counter(r["kernel"] for r in layers.values() if r["kernel"])
     file_bytes = weights.stat().st_size
     student_file = run_dir / _student_file()
+    shown = report_dir / PACKED_DIR
     summary: dict[str, Any] = {
         "format": FORMAT,
-        "dir": str(out_dir),
-        "weights": str(weights),
-        "manifest": str(out_dir / MANIFEST),
+        "dir": str(shown),
+        "weights": str(shown / PACKED_WEIGHTS),
+        "manifest": str(shown / MANIFEST),
         "sizes": {
             "total": _size_entry(file_bytes, fp16_total,
                                  fake_quant_student_bytes=student_file.stat().st_size),
@@ -454,7 +512,7 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
     }
     manifest = {
         **summary,
-        "run_dir": str(run_dir),
+        "run_dir": str(report_dir),
         "sha256": _sha256(weights),
         "config": {"model": config["model"], "bits": config["bits"],
                    "method": config.get("method", {})},

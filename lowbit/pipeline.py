@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lowbit
+from lowbit import rundir
 from lowbit.config import ConfigError, check_writable, validate
 from lowbit.data.digits import save_png_folder, to_uint8
 from lowbit.memory import PeakMemory
@@ -19,12 +21,13 @@ from lowbit.metrics import build_metrics
 from lowbit.metrics.cost import model_costs
 from lowbit.models.adapter import Denoiser
 from lowbit.quant import bits_label
-from lowbit.sampling import SamplerConfig, sample_many
+from lowbit.rundir import RESULTS, STUDENT, Attempt
+from lowbit.sampling import NonFiniteError, SamplerConfig, check_scheduler, sample_many
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
+__all__ = ["RESULTS", "STUDENT", "run_experiment", "fp_samples", "decode_images"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,16 +49,36 @@ def _summary_table(results: dict) -> str:
 
 
 def run_experiment(cfg: DictConfig) -> dict:
-    """Run one job of ``cfg`` and return its results (also written to ``results.json``)."""
+    """Run one job of ``cfg`` and return its results (also written to ``results.json``).
+
+    The run folder holds one attempt (:mod:`lowbit.rundir`): a finished result of the same config
+    is returned without running, one of another config is refused (``force=true`` replaces it);
+    the attempt writes into a staging folder swapped in when done, so a failure never touches
+    the folder's files."""
     validate(cfg)
     out = Path(cfg.paths.output_dir)
     check_writable(out)
-    results_path = out / RESULTS
-    if results_path.is_file() and not cfg.force:
-        previous = read_results(results_path)
-        if previous.get("status") == "done":
-            log.info("%s already done — skipped (force=true to re-run)", results_path)
-            return previous
+    attempt = Attempt(out, rundir.hydra_staging(out), rundir.run_fingerprint(cfg))
+    try:
+        previous = rundir.check_skip(out, cfg)
+    except Exception:
+        attempt.discard()
+        raise
+    if previous is not None:
+        attempt.discard()  # Hydra's .hydra/ of this attempt: the folder keeps the finished one's
+        log.info("%s already done with this config — skipped (force=true to re-run)",
+                 out / RESULTS)
+        return previous
+    try:
+        resume = rundir.plan_resume(out, cfg)
+    except Exception:
+        attempt.discard()
+        raise
+    if bool(cfg.get("resume", None)) != resume:
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.resume = resume  # what the training stack reads (lowbit.train.fit)
+    attempt.begin()
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -63,8 +86,20 @@ def run_experiment(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.seed))
     t_start = time.perf_counter()
 
-    with PeakMemory(device) as memory:
-        return _run(cfg, out, results_path, device, memory, t_start)
+    try:
+        rundir.stamp_state(out, cfg)
+        with PeakMemory(device) as memory:
+            results = _run(cfg, out, attempt, device, memory, t_start)
+    except BaseException as e:
+        kept = attempt.fail(e)
+        if isinstance(e, OSError) and e.errno in rundir.NO_SPACE:
+            raise rundir.no_space_error(e, out) from e
+        if kept is not None:
+            log.error("attempt failed; its log and config are in %s", kept)
+        raise
+    finally:
+        rundir.unstamp_if_unused(out)
+    return results
 
 
 def build_dataset(cfg: DictConfig):
@@ -83,7 +118,7 @@ def decode_images(model: Denoiser, x: torch.Tensor, batch_size: int) -> torch.Te
                       for i in range(0, len(x), batch_size)])
 
 
-def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
+def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
          memory: PeakMemory, t_start: float) -> dict:
     dataset = build_dataset(cfg)
     suite = build_metrics(cfg.metrics)
@@ -92,34 +127,34 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     suite.check(dataset)
     model: Denoiser = instantiate(cfg.model.loader)
     model.to(device)
+    sampler = SamplerConfig.from_cfg(cfg.sampler)
+    check_scheduler(model.noise_schedule, sampler)  # steps vs. the model's schedule: no compute
     teacher = model.net.eval()
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
                         model=model, dataset=dataset)
     method = build_method(cfg.method)
     student = method.prepare(teacher, ctx).to(device).eval()
     if student is not teacher:
-        from lowbit.export import save_student_files
-
-        save_student_files(student, out)  # weights + quantization map (reload without the method)
+        # weights + quantization map (reload without the method), with the attempt's fingerprint
+        save_student(student, attempt.staging)
 
     n = int(cfg.metrics.num_samples)
     conditions = dataset.conditions(n) if dataset is not None else None
     cond = model.make_cond(conditions, n)
     prompts = ([conditions[i % len(conditions)] for i in range(n)]
                if model.conditioning == "text" else None)
-    sampler = SamplerConfig.from_cfg(cfg.sampler)
     t0 = time.perf_counter()
     x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
     sample_s = time.perf_counter() - t0
     images = decode_images(model, x0, sampler.batch_size)
     labels = cond if model.conditioning == "class" else None
 
-    sample_dir = out / "samples"
+    sample_dir = attempt.path(rundir.SAMPLES)  # a fresh folder: the metrics read these n files
     save_png_folder(images, sample_dir, labels)
     grid = image_grid_uint8(images[: int(cfg.metrics.grid_size)], nrow=model.num_classes or 10)
     from PIL import Image
 
-    Image.fromarray(grid.numpy()).save(out / "grid.png")
+    Image.fromarray(grid.numpy()).save(attempt.path(rundir.GRID))
 
     t0 = time.perf_counter()
     fp_images = None
@@ -129,6 +164,11 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
     metrics = _measure(cfg, suite, sample_dir, images,
                        prompts if prompts is not None else labels, dataset, device, fp_images)
     metrics_s = time.perf_counter() - t0
+    bad = rundir.all_finite(metrics)
+    if bad:
+        raise NonFiniteError(f"metrics {', '.join(bad)} are not finite ({metrics}); the samples "
+                             f"in {sample_dir} are too few or degenerate for them. Fix: more "
+                             f"metrics.num_samples, or check the samples")
 
     cost = {
         **model_costs(student, model, reference=teacher),
@@ -145,41 +185,40 @@ def _run(cfg: DictConfig, out: Path, results_path: Path, device: torch.device,
         "bits": bits_label(OmegaConf.to_container(cfg.bits, resolve=True)),
         "bits_preset": cfg.bits.name,
         "dataset": cfg.dataset.name,
-        "sampler": cfg.sampler.name,
+        "sampler": sampler.label(),
+        "sampler_preset": cfg.sampler.name,
         "metrics": metrics,
         "cost": cost,
         "report": ctx.report,
         "status": "done",
         "seed": int(cfg.seed),
+        "fingerprint": attempt.fingerprint,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "version": lowbit.__version__,
     }
-    write_json_atomic(results_path, results)
-    log.info("results written to %s", results_path)
+    write_json_atomic(attempt.path(RESULTS), results)
     if cfg.get("export", False):
         from lowbit.export import export_run
 
-        results["export"] = export_run(out)
-        write_json_atomic(results_path, results)
+        # packed/ belongs to the attempt too; its paths name the run dir it is swapped into
+        results["export"] = export_run(attempt.staging, report_dir=out)
+        write_json_atomic(attempt.path(RESULTS), results)
+    attempt.commit()
+    results_path = out / RESULTS
+    log.info("results written to %s", results_path)
     _log_wandb(cfg, out, results, grid)
     results = read_results(results_path)  # what is recorded (non-finite values as null)
     print(_summary_table(results))
     return results
 
 
-STUDENT = "student.safetensors"
-
-
 def save_student(student: torch.nn.Module, out: Path) -> Path:
-    """The method's model (weights and quantizer state) as safetensors, for export and reuse."""
-    from safetensors.torch import save_file
+    """The method's model (weights and quantizer state) as safetensors, with its quantization
+    map and the fingerprint of the attempt writing ``out`` (:func:`lowbit.export.
+    save_student_files`)."""
+    from lowbit.export import save_student_files
 
-    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    path = out / STUDENT
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    return path
+    return save_student_files(student, out)[0]
 
 
 def _measure(cfg: DictConfig, suite, sample_dir: Path, images: torch.Tensor, conditions,

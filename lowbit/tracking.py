@@ -43,6 +43,17 @@ def _finite(o: Any) -> Any:
     return o
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mode of files lowbit writes through a temporary file (mkstemp creates 0600): what ``open``
+#: would create, 0644 under the usual umask
+FILE_MODE = 0o666 & ~_umask()
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
     path = Path(path)
@@ -50,6 +61,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     text = json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
             f.flush()

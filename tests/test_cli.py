@@ -36,9 +36,13 @@ def test_multirun_then_report(tmp_path, launcher):
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
     assert len(lines) == 4  # header, rule, two jobs
     assert "fid" in lines[0] and "cond_acc" in lines[0]
-    assert "ddim20" in r.stdout and "plms20" in r.stdout
+    # the sampler column names the effective sampler: the presets ran at 4 steps
+    assert "ddim4" in r.stdout and "plms4" in r.stdout and "ddim20" not in r.stdout
     rows = list(csv.DictReader((sweep / "results.csv").open()))  # noqa: SIM115
-    assert [row["sampler"] for row in rows] == ["ddim20", "plms20"]
+    assert [row["sampler"] for row in rows] == ["ddim4", "plms4"]
+    for job in ("0", "1"):  # each job folder holds its own attempt: .hydra/ swapped in, no staging
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+        assert not [x for x in (sweep / job).iterdir() if x.name.startswith(".staging")]
     assert all(row["status"] == "done" and float(row["cond_acc"]) > 0.5 for row in rows)
 
 

@@ -8,6 +8,7 @@ generated once per (model, sampler, seed, sizes) and cached on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.models.adapter import Denoiser
-from lowbit.sampling import SamplerConfig, sample_many
+from lowbit.sampling import SamplerConfig, check_finite, sample_many
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,26 @@ def kept_step_indices(num_steps: int, calib_steps: int) -> list[int]:
     return sorted({round(i * (num_steps - 1) / (calib_steps - 1)) for i in range(calib_steps)})
 
 
+#: bump when what a cached trajectory file holds, or how it is generated, changes
+CACHE_FORMAT = 2
+
+
 def _cache_key(model_id: str, sampler: SamplerConfig, n: int, calib_steps: int, seed: int,
-               conditions: torch.Tensor | Sequence[str] | None = None) -> str:
+               conditions: torch.Tensor | Sequence[str] | None = None,
+               denoiser: Denoiser | None = None) -> str:
+    """Everything that shapes the cached data: the model (name + weights), its noise schedule
+    and sample shape, every sampler field (``batch_size`` too: batch ``b`` draws its noise from
+    ``seed + b``), the scheduler options lowbit derives, the sizes, the seed and the conditions."""
+    from lowbit.sampling import scheduler_options
+
     cond = (None if conditions is None else
             conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions))
-    blob = json.dumps([model_id, sampler.kind, sampler.steps, sampler.eta, sampler.guidance_scale,
-                       n, calib_steps, seed, cond], sort_keys=True)
+    schedule = dict(denoiser.noise_schedule) if denoiser is not None else None
+    blob = json.dumps([CACHE_FORMAT, model_id, dataclasses.asdict(sampler),
+                       scheduler_options(schedule or {}, sampler.kind), schedule,
+                       list(denoiser.sample_shape) if denoiser is not None else None,
+                       denoiser.conditioning if denoiser is not None else None,
+                       n, calib_steps, seed, cond], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -112,12 +127,13 @@ def fp_trajectories(denoiser: Denoiser, sampler: SamplerConfig, n: int, calib_st
     """Generate (or load from ``cache_dir``) FP trajectories of ``n`` samples; conditioning from
     ``conditions`` (labels or prompts, see :meth:`Denoiser.make_cond`; default: classes evenly)."""
     key = _cache_key(f"{denoiser.name}:{model_fingerprint(denoiser.net)}", sampler, n,
-                     calib_steps, seed, conditions)
+                     calib_steps, seed, conditions, denoiser)
     name = denoiser.name or "model"
     path = Path(cache_dir) / "trajectories" / f"{name}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         try:
             d = load_file(str(path))
+            check_finite(d["xt"], f"cached trajectories {path}", "it is regenerated")
             return TrajectorySet(d["xt"], d["timesteps"], d.get("cond"), sampler.guidance_scale,
                                  denoiser)
         except Exception as e:  # noqa: BLE001 - a broken cache file is regenerated, not fatal
@@ -135,6 +151,10 @@ def fp_trajectories(denoiser: Denoiser, sampler: SamplerConfig, n: int, calib_st
     cond = denoiser.make_cond(conditions, n)
     sample_many(denoiser, sampler, cond, n, seed=seed, callback=grab, progress=False)
     order = sorted(keep)
+    for i in order:  # sample() checked every ε; the kept inputs are what calibration reads
+        for x in xs[i]:
+            check_finite(x, f"FP trajectories (x_t at step {i})", "check sampler.guidance_scale "
+                            "and the FP model")
     traj = TrajectorySet(torch.stack([torch.cat(xs[i]) for i in order]),
                          torch.stack([ts[i] for i in order]).long(), cond,
                          sampler.guidance_scale, denoiser)

@@ -78,8 +78,7 @@ class DigitsMetrics(Metric):
                  kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  kid_seed: int = 0, device: str | None = "cpu") -> None:
         self.classifier_checkpoint = classifier_checkpoint
-        self.classifier = load_digit_classifier(classifier_checkpoint)
-        self.extractor = DigitsFeatureExtractor(self.classifier).eval()
+        self._classifier: DigitClassifier | None = None  # loaded by check() or first use
         self.batch_size = batch_size
         self.kid = kid
         self.kid_subsets = kid_subsets
@@ -88,11 +87,27 @@ class DigitsMetrics(Metric):
         self.device = torch.device(device) if device else None
         self._reference_cache: dict[tuple, dict] = {}
 
+    @property
+    def classifier(self) -> DigitClassifier:
+        if self._classifier is None:
+            self._classifier = load_digit_classifier(self.classifier_checkpoint)
+        return self._classifier
+
+    @property
+    def extractor(self) -> DigitsFeatureExtractor:
+        return DigitsFeatureExtractor(self.classifier).eval()
+
     def check(self, dataset: Dataset | None = None, key: str = "metrics") -> None:
+        fix = "give an existing classifier checkpoint, or null for the shipped one"
         if self.classifier_checkpoint and not Path(str(self.classifier_checkpoint)).is_file():
             raise ConfigError(f"{key}.classifier_checkpoint", self.classifier_checkpoint,
-                              "no such file", "give an existing classifier checkpoint, or null "
-                              "for the shipped one")
+                              "no such file", fix)
+        try:
+            _ = self.classifier  # a corrupt or mismatched file fails here, before any compute
+        except Exception as e:  # noqa: BLE001 - name the key whatever the loader raised
+            raise ConfigError(f"{key}.classifier_checkpoint", self.classifier_checkpoint,
+                              f"cannot load the digit classifier ({type(e).__name__}: "
+                              f"{str(e)[:300]})", fix) from e
         if dataset is not None and (dataset.conditioning != "class"
                                     or dataset.num_classes != NUM_CLASSES):
             raise ConfigError("metrics", key.split(".")[-1], f"the digit classifier measures "
@@ -108,9 +123,9 @@ class DigitsMetrics(Metric):
         from cleanfid import fid
 
         dev = self._device(device)
-        self.extractor.to(dev)
+        extractor = self.extractor.to(dev)
         return fid.get_folder_features(
-            str(folder), model=self.extractor, num_workers=0, batch_size=self.batch_size,
+            str(folder), model=extractor, num_workers=0, batch_size=self.batch_size,
             device=dev, mode="clean", custom_fn_resize=_keep_size, verbose=False,
         )
 
