@@ -515,3 +515,51 @@ def test_every_sampler_preset_reaches_ddim20_fid(tmp_path, preset):
     """Every preset at the 200 samples of the shipped FP reference: FID within 1.5× of DDIM-20."""
     ref = _preset_fid(tmp_path, "ddim20", 200)
     assert _preset_fid(tmp_path, preset, 200) <= 1.5 * ref
+
+
+# ------------------------------------------------------------------------------------------------
+# fine-tuning: interrupted at random points, resumed by a plain re-run
+# ------------------------------------------------------------------------------------------------
+QUEST = ("method=quest", "bits=w8a8", "method.calib_n=4", "method.calib_steps=2",
+         "method.calib_batch_size=4", "method.max_samples=256", "method.batch_size=4",
+         "method.checkpoint_every=2", "method.tla.steps=4", "method.cma.steps=4")
+
+
+class Killed(BaseException):
+    """Stands in for kill -9: not an Exception, so nothing in the run handles it."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_interrupted_finetune_resumes_to_the_uninterrupted_result(make_cfg, tmp_path,
+                                                                  monkeypatch, seed):
+    import importlib
+    import random
+
+    fit = importlib.import_module("lowbit.train.fit")  # the module (lowbit.train.fit is a function)
+
+    whole = make_cfg(*TINY, *QUEST, output_dir=tmp_path / "whole")
+    expected = _run(whole)["metrics"]
+
+    saves = {"n": 0}
+    kill_at = random.Random(seed).randint(1, 3)  # after the k-th last.ckpt of 4 (2 per stage)
+    original = fit.LastCheckpoint.save
+
+    def save_then_die(self, trainer):
+        original(self, trainer)
+        saves["n"] += 1
+        if saves["n"] == kill_at:
+            raise Killed
+
+    monkeypatch.setattr(fit.LastCheckpoint, "save", save_then_die)
+    cfg = make_cfg(*TINY, *QUEST, output_dir=tmp_path / "run")
+    out = Path(cfg.paths.output_dir)
+    with pytest.raises(Killed):
+        _run(cfg)
+    # nothing of the killed attempt is in the folder: no results, student or samples
+    assert not (out / RESULTS).exists() and not (out / STUDENT).exists()
+    assert (out / rundir.CHECKPOINTS / rundir.FINGERPRINT_FILE).is_file()
+    monkeypatch.setattr(fit.LastCheckpoint, "save", original)
+    res = _run(cfg)  # a plain re-run: resumed because the fingerprint matches
+    assert res["config"]["resume"] is True
+    assert res["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
