@@ -193,7 +193,7 @@ def test_loss_terms_plug_in(distill):
 def qat(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qat")
     cfg = compose_config(["method=binarydm", "bits=w1a32", "method.calib_n=64",
-                          "method.lrm_samples=64", "method.steps=4", "method.batch_size=4",
+                          "method.lrm_samples=64", "method.steps=3", "method.batch_size=2",
                           "method.ebb_switch=0.5", "trainer.enable_progress_bar=false",
                           f"paths.cache_dir={tmp / 'cache'}"], output_dir=tmp / "run")
     model = load_digits_model()
@@ -208,7 +208,7 @@ def qat(tmp_path_factory):
 
 
 def test_real_data_qat_resume_is_bit_exact(qat, tmp_path):
-    """Real images + noise drawn per step, EBB's stage switch (at step 2 of 4) and LRM's bases in
+    """Real images + noise drawn per step, EBB's stage switch (at step 2 of 3) and LRM's bases in
     the checkpoint: the resumed QAT run equals the uninterrupted one bit for bit."""
     model, cfg, method, base, lrm = qat
     p = method.params
@@ -226,11 +226,11 @@ def test_real_data_qat_resume_is_bit_exact(qat, tmp_path):
                                optimizer=p.build_optimizer(), scheduler=p.build_scheduler())
         data = RealImageData(model, x, y, p.batch_size, seed=0, p_uncond=p.p_uncond)
         stats = fit_module(module, data, cfg.trainer, ckpt_dir, p.steps, resume=resume,
-                           checkpoint_every=2, callbacks=callbacks)
+                           checkpoint_every=1, callbacks=callbacks)
         assert all(int(b.stage) == 2 for b in ebbs)  # switched at step 2 (also when resumed)
         return student, stats
 
-    _assert_resume_exact(run, tmp_path, steps=p.steps)
+    _assert_resume_exact(run, tmp_path, steps=p.steps, stop=2)
     ck = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     assert any(k.startswith("terms.2.basis_") for k in ck["state_dict"])  # LRM bases
 
