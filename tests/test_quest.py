@@ -65,7 +65,11 @@ def test_stages_key_selects_what_trains(make_cfg):
     assert names and all(".time_emb_proj." in n for n in names)
     n_proj = sum(1 for n, _ in student.named_modules() if n.endswith("time_emb_proj"))
     assert sum(n.endswith(".weight") for n in names) == n_proj
-    assert local is not None and list(local.patterns) == ["*time_emb_proj"]
+    # the local loss taps exactly the time_emb_proj outputs (DiT's norm1.linear matches nothing here)
+    assert local is not None and list(local.patterns) == list(cfg.method.temporal_layers)
+    local.resolve(student, loaded.net)
+    assert local.feature_names and all(n.endswith("time_emb_proj") for n in local.feature_names)
+    assert len(local.feature_names) == n_proj
     # CMA: the attention q/k/v weights (digits list) + every other activation Δ except softmax
     cma, _ = method.stage_groups(student, "cma", "digits")
     w = [n for n, _ in cma[0].params]
