@@ -170,9 +170,9 @@ def validate(cfg: DictConfig) -> None:
                           f"or a method that supports bits={bits}")
 
     if bits != "fp" and _get(cfg, "bits") is not None:  # a name contradicting its bits, bad keys
-        from lowbit.quant import QuantConfig
+        from lowbit.quant import QuantConfig, run_bits
 
-        QuantConfig.from_dict(OmegaConf.to_container(cfg.bits, resolve=True))
+        QuantConfig.from_dict(run_bits(cfg))
 
     if _get(cfg, "export", False) and (method == "fp" or bits == "fp"):
         raise ConfigError("export", True, "a full-precision run has no quantized model to pack",

@@ -156,10 +156,10 @@ def _fp_net(config: dict[str, Any]) -> nn.Module:
 def _build_fake_quant(config: dict[str, Any]) -> nn.Module:
     """Legacy skeleton: the run's model with ``quantize_`` replayed (exports written before the
     manifest carried a quantization map were ptq runs, for which this is exact)."""
-    from lowbit.quant import QuantConfig, quantize_
+    from lowbit.quant import QuantConfig, quantize_, run_bits
 
     model = _fp_net(config)
-    quantize_(model, QuantConfig.from_dict(config["bits"]), init_weights=False)
+    quantize_(model, QuantConfig.from_dict(run_bits(config)), init_weights=False)
     return model
 
 
@@ -483,7 +483,9 @@ def _export_run(run_dir: Path, config: dict[str, Any], report_dir: Path) -> dict
                         if t.is_floating_point() and not k.startswith(layer_prefixes)
                         and k not in named_q)
     attention = sorted(n for n, m in student.named_modules() if hasattr(m, MATMUL_ATTR))
-    fp_layers = _fp_layer_reasons(student, config["bits"], list(layers))
+    from lowbit.quant import run_bits
+
+    fp_layers = _fp_layer_reasons(student, run_bits(config), list(layers))
     fake_why = Counter(r["why"] for r in layers.values() if r["mode"] == "fake_quant")
 
     modes = Counter(r["mode"] for r in layers.values())

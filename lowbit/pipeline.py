@@ -18,9 +18,9 @@ from lowbit.data.digits import save_png_folder, to_uint8
 from lowbit.memory import PeakMemory
 from lowbit.methods import MethodContext, build_method
 from lowbit.metrics import build_metrics
-from lowbit.metrics.cost import model_costs
+from lowbit.metrics.cost import integer_gemm, model_costs
 from lowbit.models.adapter import Denoiser
-from lowbit.quant import bits_label
+from lowbit.quant import QuantModuleMixin, bits_label, run_bits
 from lowbit.rundir import RESULTS, STUDENT, Attempt
 from lowbit.sampling import NonFiniteError, SamplerConfig, check_scheduler, sample_many
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
@@ -174,6 +174,10 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         **model_costs(student, model, reference=teacher),
         "params": sum(p.numel() for p in student.parameters()),
         **ctx.cost,
+        # quantized layers whose activation scales vary along the reduction axis: they run as
+        # fake quant (dequantize, FP GEMM), so the model is not the integer model its bits say
+        "fake_quant_layers": sum(1 for m in student.modules()
+                                 if isinstance(m, QuantModuleMixin) and not integer_gemm(m)),
         "sample_s": sample_s,
         "metrics_s": metrics_s,
         "total_s": time.perf_counter() - t_start,
@@ -182,8 +186,10 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     results = {
         "model": cfg.model.name,
         "method": method.label,
-        "bits": bits_label(OmegaConf.to_container(cfg.bits, resolve=True)),
+        "bits": bits_label(run_bits(cfg)),
         "bits_preset": cfg.bits.name,
+        # every quantized layer can run as an integer/binary GEMM (no fake-quant-only layers)
+        "deployable": cost["fake_quant_layers"] == 0,
         "dataset": cfg.dataset.name,
         "sampler": sampler.label(),
         "sampler_preset": cfg.sampler.name,

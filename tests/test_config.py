@@ -145,14 +145,14 @@ def test_preset_names_lists_the_shipped_yamls():
 def test_preset_with_overrides_and_unknown_name():
     from lowbit.quant import QuantConfig
 
-    cfg = QuantConfig.preset("w4a4", act={"init": "minmax"}, skip_fp=True)
-    assert (cfg.act.bits, cfg.act.granularity, cfg.act.init, cfg.skip_fp) == (4, "channel", "minmax", True)
+    cfg = QuantConfig.preset("w4a4", act={"init": "mse"}, skip_fp=True)
+    assert (cfg.act.bits, cfg.act.granularity, cfg.act.init, cfg.skip_fp) == (4, "tensor", "mse", True)
     with pytest.raises(ConfigError) as e:
         QuantConfig.preset("w4a5")
-    assert e.value.key == "bits" and "w4a4_tensor" in str(e.value) and "w8a8" in str(e.value)
+    assert e.value.key == "bits" and "w4a4_pchan" in str(e.value) and "w8a8" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["w4a4", "w4a4_tensor", "fp", "my-recipe"])
+@pytest.mark.parametrize("name", ["w4a4", "w4a4_pchan", "fp", "my-recipe"])
 def test_a_mapping_with_only_a_name_is_rejected(name):
     from lowbit.quant import QuantConfig
 
@@ -165,7 +165,7 @@ def test_a_mapping_with_only_a_name_is_rejected(name):
 
 @pytest.mark.parametrize("d,key_part", [
     ({"name": "w4a4", "weight": {"bits": 4}}, "bits.act.bits=8"),  # act left at the W8A8 default
-    ({"name": "w4a4_tensor", "weight": {"bits": 8}, "act": {"bits": 4}}, "bits.weight.bits=8"),
+    ({"name": "w4a4_pchan", "weight": {"bits": 8}, "act": {"bits": 4}}, "bits.weight.bits=8"),
     ({"name": "W2A8", "weight": {"bits": 4}}, "bits.weight.bits=4"),  # case-insensitive
     ({"name": "w1a32", "weight": {"bits": 1}, "act": {"bits": 8}}, "bits.act.bits=8"),
     ({"name": "w4a16", "weight": {"bits": 4}, "act": {"bits": 4}}, "bits.act.bits=4"),
@@ -204,19 +204,20 @@ def test_derived_configs_cannot_keep_a_stale_name():
     with pytest.raises(ConfigError):  # also direct construction and dataclasses.replace
         QuantConfig(name="w8a8", weight=QuantSpec(bits=4))
     # without a name, the name is the label of the settings
-    assert QuantConfig.from_dict({"weight": {"bits": 4, "granularity": "channel", "init": "mse"}}).name == "w4a8"
-    assert QuantConfig(weight=QuantSpec(bits=4, granularity="channel", init="mse")).name == "w4a8"
+    assert QuantConfig.from_dict({"weight": {"bits": 4}}).name == "w4a8"
+    assert QuantConfig(weight=QuantSpec(bits=4, granularity="channel")).name == "w4a8"
     assert QuantConfig().name == "w8a8"
+    assert QuantConfig(weight=QuantSpec(bits=4, granularity="channel", init="mse")).name == "w4a8+mse-w"
 
 
 @pytest.mark.parametrize("preset,over,label", [
     # an override that makes another preset's settings gets that preset's name
-    ("w4a4", {"act": {"granularity": "tensor"}}, "w4a4_tensor"),
-    ("w4a4_tensor", {"act": {"granularity": "channel"}}, "w4a4"),
+    ("w4a4", {"act": {"granularity": "channel"}}, "w4a4_pchan"),
+    ("w4a4_pchan", {"act": {"granularity": "tensor"}}, "w4a4"),
     ("w4a4", {"act": {"granularity": "token"}}, "w4a4+token-act"),
     ("w4a8", {"weight": {"granularity": "group:64"}}, "w4a8+group64-w"),
     ("w8a8", {"act": {"granularity": "channel"}}, "w8a8+chan-act"),
-    ("w4a4", {"weight": {"init": "minmax"}, "act": {"init": "minmax"}}, "w4a4+minmax-w+minmax-act"),
+    ("w4a4", {"weight": {"init": "mse"}, "act": {"init": "mse"}}, "w4a4+mse-w+mse-act"),
     ("w4a4", {"act": {"init": "percentile", "percentile": 99.9}}, "w4a4+pct99.9-act"),
     ("w8a8", {"weight": {"symmetric": True}}, "w8a8+sym-w"),
     ("w1a8", {"act": {"learnable": False}}, "w1a8+fixed-act"),
@@ -225,11 +226,13 @@ def test_derived_configs_cannot_keep_a_stale_name():
     ("w8a8", {"quantize_attention": False}, "w8a8+fp-attn"),
     ("w4a4", {"attn_bits": 8}, "w4a4+8bit-attn"),
     ("w4a4", {"sm_bits": None}, "w4a4+fp-sm"),
-    ("w4a4", {"first_last_bits": None}, "w4a4+same-io"),
+    ("w4a4", {"first_last_bits": 8}, "w4a4+8bit-io"),
     ("w4a4", {"first_last_bits": 16}, "w4a4+16bit-io"),
-    ("w4a4", {"time_emb_bits": None}, "w4a4+same-temb"),
+    ("w4a4", {"time_emb_bits": 8}, "w4a4+8bit-temb"),
+    ("w1a4", {"first_last_bits": None, "time_emb_bits": None}, "w1a4+same-io+same-temb"),
     ("w4a8", {"skip_fp": True}, "w4a8+fp-skip"),
     ("w4a8", {"split_shortcut": False}, "w4a8+nosplit"),
+    ("w4a8", {"split_conv1": True}, "w4a8+split-conv1"),
     ("w4a8", {"exclude": ["*attentions*"]}, "w4a8+exclude"),
     ("w4a8", {"overrides": {"conv_in": "fp"}}, "w4a8+overrides"),
 ])
@@ -276,7 +279,68 @@ def test_hydra_override_gets_a_truthful_label(make_cfg):
         return bits_label(OmegaConf.to_container(make_cfg("method=ptq", *over).bits, resolve=True))
 
     assert label("bits=w4a4") == "w4a4"
-    assert label("bits=w4a4", "bits.act.granularity=tensor") == "w4a4_tensor"
-    assert label("bits=w4a8", "bits.weight.init=minmax") == "w4a8+minmax-w"
+    assert label("bits=w4a4", "bits.act.granularity=channel") == "w4a4_pchan"
+    assert label("bits=w4a8", "bits.weight.init=mse") == "w4a8+mse-w"
     with pytest.raises(ConfigError, match="bits.name='w4a4'"):
         label("bits=w4a4", "bits.weight.bits=8")
+
+
+def test_plain_presets_are_the_papers_naive_setting():
+    """Q-Diffusion's linear-quant rows: every layer at the bits, min-max, per-tensor activations."""
+    from lowbit.quant import QuantConfig
+
+    for name in ("w8a8", "w4a8", "w4a4", "w2a8"):
+        cfg = QuantConfig.preset(name)
+        assert (cfg.weight.init, cfg.act.init, cfg.act.granularity) == ("minmax", "minmax", "tensor")
+        assert cfg.first_last_bits is None and cfg.time_emb_bits is None
+        assert cfg.split_shortcut and not cfg.split_conv1
+        for layer in ("conv_in", "conv_out", "time_embedding.linear_1", "down_blocks.0.resnets.0.conv1"):
+            plan = cfg.plan(layer, "conv")
+            assert (plan.weight.bits, plan.act.bits) == (cfg.weight.bits, cfg.act.bits), layer
+
+
+def test_method_bits_rules_merge_and_show_in_the_label(make_cfg):
+    from lowbit.quant import QuantConfig, bits_label, run_bits
+
+    quest = make_cfg("method=quest", "bits=w4a4")
+    assert bits_label(run_bits(quest)) == "w4a4+mse-w+mse-act+8bit-io+8bit-temb"
+    assert QuantConfig.from_dict(run_bits(quest)).plan("conv_in", "conv").weight.bits == 8
+    # a user switches one rule off on the command line
+    off = make_cfg("method=quest", "bits=w4a4", "method.bits_rules.first_last_bits=null")
+    assert bits_label(run_bits(off)) == "w4a4+mse-w+mse-act+8bit-temb"
+    # the plain method leaves the preset as it is; the resolved dict of results.json works too
+    from omegaconf import OmegaConf
+
+    ptq = make_cfg("method=ptq", "bits=w4a4")
+    assert bits_label(run_bits(OmegaConf.to_container(ptq, resolve=True))) == "w4a4"
+
+
+@pytest.mark.parametrize(("rules", "key"), [
+    ({"weight": {"bits": 8}}, "method.bits_rules.weight"),
+    ({"name": "w8a8"}, "method.bits_rules.name"),
+    ({"first_layers": ["x"]}, "method.bits_rules.first_layers"),
+    ([1, 2], "method.bits_rules"),
+])
+def test_method_bits_rules_cannot_change_bits_or_names(rules, key):
+    from lowbit.quant import run_bits
+
+    with pytest.raises(ConfigError) as e:
+        run_bits({"bits": _bits_yaml("w4a4"), "method": {"bits_rules": rules}})
+    assert e.value.key == key and "Fix:" in str(e.value)
+
+
+def test_split_rules_choose_which_concat_inputs_split():
+    from lowbit.models.digits import build_digits_unet
+    from lowbit.quant import QuantConfig, concat_split_points, quantize_
+
+    points = concat_split_points(build_digits_unet())
+    assert any(n.endswith(".conv1") for n in points) and any(n.endswith(".conv_shortcut") for n in points)
+
+    def split(**over):
+        m = build_digits_unet()
+        quantize_(m, QuantConfig.preset("w4a4", **over))
+        return {n for n, mod in m.named_modules() if getattr(mod, "split", 0)}
+
+    assert split() == {n for n in points if n.endswith(".conv_shortcut")}  # Q-Diffusion
+    assert split(split_conv1=True) == set(points)
+    assert split(split_shortcut=False) == set()

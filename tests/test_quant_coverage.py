@@ -31,7 +31,8 @@ from lowbit.quant import (
 BITS_DIR = Path(__file__).resolve().parents[1] / "lowbit" / "conf" / "bits"
 SQNR_MIN_DB = 25.0
 
-# (linear, conv, attention modules, split convs) of each preset; cross-checked below by a walk
+# (linear, conv, attention modules, convs reading cat([h, skip]): conv1 and conv_shortcut of the
+# up-block resnets) of each preset; cross-checked below by a walk
 EXPECTED = {
     "digits": (41, 35, 7, 12),
     "sd_v1": (184, 98, 32, 24),
@@ -59,9 +60,13 @@ def test_every_layer_and_attention_matmul_is_quantized(preset: str) -> None:
     model = build_preset(preset)
     n_linear, n_conv, n_attn, n_split = EXPECTED[preset]
     assert _walk_counts(model) == (n_linear, n_conv, n_attn)
-    report = quantize_(model, bits_config("w8a8", weight={"init": "minmax"}))
+    report = quantize_(model, bits_config("w8a8"))
     c = report.counts
-    assert (c["linear"], c["conv"], c["attention"], c["split"]) == (n_linear, n_conv, n_attn, n_split)
+    # Q-Diffusion splits the skip conv's input only: one conv_shortcut per conv1
+    assert (c["linear"], c["conv"], c["attention"], c["split"]) == (n_linear, n_conv, n_attn,
+                                                                     n_split // 2)
+    both = quantize_(build_preset(preset), bits_config("w8a8", split_conv1=True)).counts["split"]
+    assert both == n_split
     assert c["attention_matmul"] == 2 * n_attn and c["kept_fp"] == 0
     assert _walk_counts(model)[:2] == (0, 0)  # no float Linear/Conv2d left
     assert all(isinstance(m, QuantModuleMixin) for m in model.modules()
@@ -78,7 +83,7 @@ def test_ddpm_cifar10_preset_is_full_size() -> None:
 
 
 def test_first_last_and_time_embedding_rules() -> None:
-    cfg = bits_config("w4a4", weight={"init": "minmax"}, act={"init": "minmax"})
+    cfg = bits_config("w4a4", first_last_bits=8, time_emb_bits=8)
     for preset, first, last, temb in [
         ("digits", ["conv_in"], ["conv_out"], ["time_embedding.linear_1", "time_embedding.linear_2"]),
         ("dit", ["pos_embed.proj"], ["proj_out_1", "proj_out_2"],
@@ -97,7 +102,8 @@ def test_first_last_and_time_embedding_rules() -> None:
         {"first_last_bits": None, "time_emb_bits": None})).quantized}
     assert rec["conv_in"].weight_bits == 4 and rec["time_embedding.linear_1"].act_bits == 4
     # weight-only: the 8-bit rule raises weights only, activations stay FP
-    rec = {r.name: r for r in quantize_(build_preset("digits"), bits_config("w4a16")).quantized}
+    rec = {r.name: r for r in quantize_(build_preset("digits"),
+                                        bits_config("w4a16", first_last_bits=8)).quantized}
     assert (rec["conv_in"].weight_bits, rec["conv_in"].act_bits) == (8, None)
     assert "down_blocks.1.attentions.0" not in rec
 

@@ -131,7 +131,7 @@ def test_quant_disabled_is_bit_identical_to_fp() -> None:
 def test_shortcut_split_has_one_quantizer_per_half() -> None:
     torch.manual_seed(0)
     model = build_digits_unet().eval()
-    report = quantize_(model, W8A8)
+    report = quantize_(model, {**W8A8, "split_conv1": True})
     # up_blocks.0 consumes cat([mid output (64), skip (64)]); its last resnet cat([64, 32])
     conv1 = model.up_blocks[0].resnets[0].conv1
     assert conv1.split == 64 and report.counts["split"] == 12
@@ -152,6 +152,8 @@ def test_shortcut_split_has_one_quantizer_per_half() -> None:
     assert torch.equal(conv1(x), ref)
     off = quantize_(build_digits_unet(), {**W8A8, "split_shortcut": False})
     assert off.counts["split"] == 0
+    skip_only = quantize_(build_digits_unet(), W8A8)  # Q-Diffusion: the skip conv only
+    assert skip_only.counts["split"] == 6
 
 
 @pytest.mark.parametrize("preset", ["digits", "sd_v1", "dit"])

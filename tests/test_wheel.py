@@ -93,14 +93,14 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
         "from lowbit.quant import QuantConfig\n"
         "print(json.dumps({'lowbit': lowbit.__file__, 'conf': str(c.CONF_DIR),\n"
         "  'kernels': str(k.kernel_dir()), 'cu': sorted(p.name for p in k.kernel_dir().iterdir()),\n"
-        "  'label': QuantConfig.preset('w4a4', act={'granularity': 'tensor'}).label()}))")],
+        "  'label': QuantConfig.preset('w4a4', act={'granularity': 'channel'}).label()}))")],
         cwd=tmp_path, env=env, timeout=300)
     info = json.loads(probe.stdout.strip().splitlines()[-1])
     for key in ("lowbit", "conf", "kernels"):
         assert Path(info[key]).resolve().is_relative_to(site.resolve()), (key, info[key])
     assert Path(info["kernels"]).is_dir()
     assert {"gemm_lowbit.cu", "quantize_act.cu", "lowbit_common.cuh"} <= set(info["cu"])
-    assert info["label"] == "w4a4_tensor"  # bits presets load from the installed package
+    assert info["label"] == "w4a4_pchan"  # bits presets load from the installed package
 
     work = tmp_path / "empty"
     work.mkdir()

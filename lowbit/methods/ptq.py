@@ -12,12 +12,11 @@ import dataclasses
 import logging
 import time
 
-from omegaconf import OmegaConf
 from torch import nn
 
 from lowbit.data.trajectories import TrajectorySet, fp_trajectories
 from lowbit.methods.base import Method, MethodContext
-from lowbit.quant import QuantConfig, adaround_
+from lowbit.quant import QuantConfig, adaround_, run_bits
 from lowbit.sampling import SamplerConfig
 from lowbit.train import build_student, derive_seed
 from lowbit.train.hparams import HParamError, MethodParams
@@ -32,7 +31,8 @@ def sampler_config(cfg) -> SamplerConfig:
 
 
 def quant_config(cfg) -> QuantConfig:
-    return QuantConfig.from_dict(OmegaConf.to_container(cfg.bits, resolve=True))
+    """The run's quantization config: ``bits`` with the method's ``bits_rules`` (:func:`run_bits`)."""
+    return QuantConfig.from_dict(run_bits(cfg))
 
 
 def calibration_set(ctx: MethodContext, teacher: nn.Module, calib_n: int, calib_steps: int,

@@ -13,7 +13,8 @@ No method logic lives here; methods ask modules for parameters by role (:func:`q
 from .adaround import AdaRoundConfig, AdaRoundResult, adaround_
 from .attention import AttentionQuantizers, QuantAttnProcessor
 from .calibrate import CalibrationResult, calibrate_
-from .config import LayerOverride, LayerPlan, QuantConfig, QuantSpec, bits_label, preset_names
+from .config import (LayerOverride, LayerPlan, QuantConfig, QuantSpec, bits_label, preset_names,
+                     run_bits)
 from .modules import ROLES, QuantConv2d, QuantLinear, QuantModuleMixin
 from .quantize import (
     FPRecord,
@@ -61,6 +62,7 @@ __all__ = [
     "act_quantizers",
     "adaround_",
     "bits_label",
+    "run_bits",
     "calibrate_",
     "concat_split_points",
     "fake_quantize",

@@ -189,24 +189,27 @@ def _as_tuple(key: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A whole-model quantization recipe (the ``bits`` config group plus layer rules)."""
+    """A whole-model quantization recipe (the ``bits`` config group plus layer rules). The
+    defaults are the plain ``w8a8`` preset: every layer at 8 bits, min-max ranges, per-channel
+    weights, per-tensor activations, the skip conv's concat input split."""
 
     name: str = ""  # "" = derived from the settings by label(); a wXaY or fp name must match them
     weight: QuantSpec = field(
-        default_factory=lambda: QuantSpec(bits=8, granularity="channel", init="mse"))
+        default_factory=lambda: QuantSpec(bits=8, granularity="channel", init="minmax"))
     act: QuantSpec = field(
-        default_factory=lambda: QuantSpec(bits=8, granularity="tensor", init="mse"))
+        default_factory=lambda: QuantSpec(bits=8, granularity="tensor", init="minmax"))
     attn_bits: int | None | str = "act"  # Q/K/V matmul inputs; "act" = same as act.bits
     sm_bits: int | None = 8  # softmax output (unsigned); null/16 = keep FP
     quantize_attention: bool = True  # quantize the two attention matmuls (QKᵀ, softmax·V)
-    first_last_bits: int | None = 8  # first/last layer at least this many bits; null = as the rest
+    first_last_bits: int | None = None  # first/last layer at least this many bits; null = as the rest
     first_layers: tuple[str, ...] = DEFAULT_FIRST_LAYERS
     last_layers: tuple[str, ...] = DEFAULT_LAST_LAYERS
-    time_emb_bits: int | None = 8  # time-embedding MLP at least this many bits; null = as the rest
+    time_emb_bits: int | None = None  # time-embedding MLP at least this many bits; null = as the rest
     time_emb_layers: tuple[str, ...] = DEFAULT_TIME_EMB_LAYERS
     skip_fp: bool = False  # EfficientDM: keep skip 1x1 convs and downsample convs FP
     skip_layers: tuple[str, ...] = DEFAULT_SKIP_LAYERS
-    split_shortcut: bool = True  # Q-Diffusion: separate quantizers for the halves of cat([h, skip])
+    split_shortcut: bool = True  # Q-Diffusion: the skip conv's own quantizers per half of cat([h, skip])
+    split_conv1: bool = False  # also split the input of the up-block resnets' conv1 (a strengthening)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
@@ -271,7 +274,7 @@ class QuantConfig:
         for k in ("sm_bits", "first_last_bits", "time_emb_bits"):
             if k in d:
                 kw[k] = _check_bits(f"{key}.{k}", d[k])
-        for k in ("quantize_attention", "skip_fp", "split_shortcut"):
+        for k in ("quantize_attention", "skip_fp", "split_shortcut", "split_conv1"):
             if k in d:
                 if not isinstance(d[k], bool):
                     raise ValueError(f"{key}.{k}={d[k]!r} must be true or false.")
@@ -321,7 +324,7 @@ class QuantConfig:
     def label(self) -> str:
         """A run label derived from the effective settings, never from ``name`` alone.
 
-        * Settings equal to a shipped preset's give that preset's name (``w4a4``, ``w4a4_tensor``,
+        * Settings equal to a shipped preset's give that preset's name (``w4a4``, ``w4a4_pchan``,
           ``fp`` …); the preset named by ``name`` wins a tie.
         * Otherwise the label is a reference preset's name plus one ``+suffix`` per setting that
           differs from it, in the fixed order below. The reference is the preset named by
@@ -342,7 +345,10 @@ class QuantConfig:
             +<b>bit-io        first/last layers at >= b bits (+same-io: like the rest)
             +<b>bit-temb      time-embedding MLP at >= b bits (+same-temb)
             +fp-skip          skip/downsample convs FP (skip_fp; +q-skip)
-            +nosplit          no own quantizers for concat halves (split_shortcut; +split)
+            +nosplit          no own quantizers for the skip conv's concat halves
+                              (split_shortcut; +split)
+            +split-conv1      the up-block resnets' conv1 input split too (split_conv1;
+                              +nosplit-conv1)
             +include, +exclude, +overrides   module-name rules differ (see the config itself)
 
         Settings without effect are ignored: the fields of a floating-point quantizer, a bump to
@@ -388,6 +394,7 @@ class QuantConfig:
             "time_emb_bits": bump(self.time_emb_bits),
             "skip_fp": self.skip_fp if low else None,
             "split_shortcut": self.split_shortcut if a is not None else None,
+            "split_conv1": self.split_conv1 if a is not None else None,
             "include": self.include, "exclude": self.exclude,
             "overrides": self.to_dict()["overrides"],
         }
@@ -512,6 +519,52 @@ def _preset_effectives() -> dict[str, dict[str, Any]]:
     return {n: c._effective() for n, c in _presets().items()}
 
 
+# What a method's ``bits_rules`` may set: the strengthenings of a plain preset (never its bits or
+# its name, which stay the preset's, nor the layer-name lists, which are the model's).
+RULE_KEYS = ("sm_bits", "attn_bits", "quantize_attention", "first_last_bits", "time_emb_bits",
+             "skip_fp", "split_shortcut", "split_conv1", "weight", "act")
+RULE_SPEC_KEYS = ("granularity", "symmetric", "init", "percentile", "learnable", "timestep_aware",
+                  "interp")
+
+
+def run_bits(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective ``bits`` mapping of a run config (a DictConfig or the resolved dict that
+    results.json keeps): ``config["bits"]`` with the
+    method's ``bits_rules`` merged over it (nested ``weight``/``act`` merge key by key).
+
+    A method states the rules of its paper there (QuEST: MSE ranges, 8-bit first/last layers and
+    time embedding), so the bits preset stays the papers' plain setting and every strengthening
+    shows in the run label (:func:`bits_label` of this mapping). A user changes them with
+    ``method.bits_rules.<key>=...``.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    def plain(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+    bits = dict(plain(config.get("bits")) or {})
+    method = config.get("method")
+    rules = plain(method.get("bits_rules") if method is not None else None) or {}
+    if not isinstance(rules, Mapping):
+        raise ConfigError("method.bits_rules", rules, "must be a mapping",
+                          f"give keys among {', '.join(RULE_KEYS)}")
+    for k, v in rules.items():
+        if k not in RULE_KEYS:
+            raise ConfigError(f"method.bits_rules.{k}", v,
+                              "not a rule a method may set (bits and names stay the preset's)",
+                              f"use one of {', '.join(RULE_KEYS)}, or choose another bits preset")
+        if k in ("weight", "act"):
+            if not isinstance(v, Mapping) or set(v) - set(RULE_SPEC_KEYS):
+                bad = sorted(set(v) - set(RULE_SPEC_KEYS)) if isinstance(v, Mapping) else v
+                raise ConfigError(f"method.bits_rules.{k}", bad,
+                                  "not a quantizer rule a method may set",
+                                  f"use keys among {', '.join(RULE_SPEC_KEYS)}")
+            bits[k] = {**dict(bits.get(k) or {}), **dict(v)}
+        else:
+            bits[k] = v
+    return bits
+
+
 def bits_label(bits: Mapping[str, Any], key: str = "bits") -> str:
     """The run label of a ``bits`` mapping (a resolved ``cfg.bits``): see :meth:`QuantConfig.label`."""
     return QuantConfig.from_dict(bits, key=key).label()
@@ -582,6 +635,9 @@ def _suffixes(eff: dict[str, Any], ref: dict[str, Any]) -> list[str]:
     if eff["split_shortcut"] is not None and eff["split_shortcut"] != ref["split_shortcut"] \
             and ref["split_shortcut"] is not None:
         out.append("+split" if eff["split_shortcut"] else "+nosplit")
+    if eff["split_conv1"] is not None and eff["split_conv1"] != bool(ref["split_conv1"]) \
+            and ref["split_conv1"] is not None:
+        out.append("+split-conv1" if eff["split_conv1"] else "+nosplit-conv1")
     out.extend(f"+{k}" for k in ("include", "exclude", "overrides") if eff[k] != ref[k])
     return out
 

@@ -168,8 +168,10 @@ def set_timestep(model: nn.Module, t: Tensor | float | None) -> None:
 # structure
 # ------------------------------------------------------------------------------------------------
 def concat_split_points(model: nn.Module) -> dict[str, int]:
-    """Q-Diffusion shortcut splitting: ``{conv name: channels of h}`` for the up-block resnet convs
+    """Shortcut splitting: ``{conv name: channels of h}`` for the up-block resnet convs
     (``conv1``, ``conv_shortcut``) whose input is ``cat([h, skip], dim=1)`` in a diffusers U-Net.
+    Q-Diffusion splits the skip conv's input only; :func:`quantize_` splits ``conv1`` too under
+    ``split_conv1``.
 
     h comes from the mid block (first up block) or the previous resnet, so its width is that
     module's ``out_channels``; the rest of ``in_channels`` is the skip.
@@ -246,7 +248,9 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping[str, Any], *,
         return report
     if is_quantized(model):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a fresh FP copy.")
-    splits = concat_split_points(model) if config.split_shortcut else {}
+    splits = {n: h for n, h in concat_split_points(model).items()
+              if (config.split_shortcut and n.endswith(".conv_shortcut"))
+              or (config.split_conv1 and n.endswith(".conv1"))}
     for name, module in list(model.named_modules()):
         if isinstance(module, Attention):
             _quantize_attention(module, name, config, filter_fn, report)

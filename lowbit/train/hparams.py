@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 T = TypeVar("T", bound="MethodParams")
 
 # keys every method yaml carries for the framework (not hyper-parameters of the method)
-FRAMEWORK_KEYS = ("_target_", "name", "supported_bits")
+FRAMEWORK_KEYS = ("_target_", "name", "supported_bits", "bits_rules")
 
 
 class HParamError(ValueError):
