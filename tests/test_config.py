@@ -344,3 +344,16 @@ def test_split_rules_choose_which_concat_inputs_split():
     assert split() == {n for n in points if n.endswith(".conv_shortcut")}  # Q-Diffusion
     assert split(split_conv1=True) == set(points)
     assert split(split_shortcut=False) == set()
+
+
+def test_a_bits_override_shadowed_by_a_method_rule_is_refused(make_cfg):
+    from lowbit.quant import run_bits
+
+    cfg = make_cfg("method=quest", "bits=w4a4", "bits.weight.init=percentile")
+    with pytest.raises(ConfigError) as e:
+        run_bits(cfg)
+    assert e.value.key == "bits.weight.init" and "method.bits_rules.weight.init=percentile" in str(e.value)
+    with pytest.raises(ConfigError, match="bits.first_last_bits"):
+        validate(make_cfg("method=quest", "bits=w4a4", "bits.first_last_bits=4"))
+    # keys no rule sets stay the user's
+    assert run_bits(make_cfg("method=quest", "bits=w4a4", "bits.sm_bits=6"))["sm_bits"] == 6

@@ -29,10 +29,9 @@ from lowbit.sampling import build_scheduler
 from lowbit.train import build_student, select_params
 
 FAST = ("sampler.steps=10", "method.calib_n=16", "method.calib_steps=10", "method.batch_size=8",
-        "bits.act.init=minmax", "bits.weight.init=minmax", "trainer.enable_progress_bar=false",
-        "method.checkpoint_every=10", "method.act_lr=3e-5", "logger=none")
-# digits budget: tens of steps instead of thousands, so larger LoRA / weight learning rates
-LR = {"efficientdm": ("method.lora_lr_div=100",), "qat": ("method.weight_lr=2e-5",)}
+        "trainer.enable_progress_bar=false", "method.checkpoint_every=10", "logger=none")
+# the digits budgets and rates: conf/experiment/digits/<method>.yaml
+LR = {"efficientdm": ("experiment=digits/efficientdm",), "qat": ("experiment=digits/qat",)}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,7 +25,7 @@ from lowbit.cli import compose_config
 from lowbit.config import ConfigError, validate
 from lowbit.export import export_run, load_packed, load_student, packable, save_student_files
 from lowbit.models.digits import load_digits_model
-from lowbit.quant import QuantConfig, TimestepActQuantizer, calibrate_, quantize_
+from lowbit.quant import QuantConfig, TimestepActQuantizer, calibrate_, quantize_, run_bits
 from lowbit.quant.qmap import QMAP_FILE, quantization_map
 from lowbit.tracking import write_json_atomic
 
@@ -55,8 +55,7 @@ def _batches(n: int = 8, seed: int = 0, ts=CALIB_T):
 
 
 def _qcfg(cfg, **over) -> QuantConfig:
-    bits = OmegaConf.to_container(cfg.bits, resolve=True)
-    return QuantConfig.from_dict(bits).with_overrides({**FAST, **over})
+    return QuantConfig.from_dict(run_bits(cfg)).with_overrides({**FAST, **over})
 
 
 @torch.no_grad()
@@ -142,13 +141,13 @@ def test_ptq_student_reloads_and_packs(tmp_path):
 def test_quest_student_with_trained_layers_and_timestep_buckets(tmp_path):
     """QuEST: timestep-aware activation Δ (one per calibration step; per-channel at A4) and
     trained time-embedding projections / attention weights / activation Δ."""
-    cfg = compose_config(["method=quest", "bits=w4a4"])
+    cfg = compose_config(["method=quest", "bits=w4a4_pchan"])
     s = _ptq_like(cfg, True)
     _perturb(s, "time_emb_proj.weight")
     _perturb(s, "input_quantizer.scale", seed=1)
     qs = [m for m in s.modules() if isinstance(m, TimestepActQuantizer) and not m.passthrough]
     assert qs and {q.num_buckets for q in qs} == {len(CALIB_T)}
-    run = _save_run(tmp_path, "quest", "w4a4", s)
+    run = _save_run(tmp_path, "quest", "w4a4_pchan", s)
     reloaded = _check_reload(run, s, steps=(999, 420))  # 420: interpolated between buckets
     assert {q.num_buckets for q in reloaded.modules()
             if isinstance(q, TimestepActQuantizer) and not q.passthrough} == {len(CALIB_T)}

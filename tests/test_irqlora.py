@@ -84,7 +84,8 @@ def _student(bits: int = 4):
     s = copy.deepcopy(teacher)
     quantize_(s, QuantConfig.from_dict({"name": f"w{bits}a16", "weight": {"bits": bits, "init": "minmax"},
                                         "act": {"bits": None}, "sm_bits": None,
-                                        "split_shortcut": False}))
+                                        "split_shortcut": False, "first_last_bits": 8,
+                                        "time_emb_bits": 8}))
     layers = apply_irqlora_(s, bits, "nf", rank=4, candidates=21)
     return loaded, teacher, s, layers
 

@@ -519,6 +519,8 @@ def _preset_effectives() -> dict[str, dict[str, Any]]:
     return {n: c._effective() for n, c in _presets().items()}
 
 
+_MISSING = object()
+
 # What a method's ``bits_rules`` may set: the strengthenings of a plain preset (never its bits or
 # its name, which stay the preset's, nor the layer-name lists, which are the model's).
 RULE_KEYS = ("sm_bits", "attn_bits", "quantize_attention", "first_last_bits", "time_emb_bits",
@@ -535,7 +537,8 @@ def run_bits(config: Mapping[str, Any]) -> dict[str, Any]:
     A method states the rules of its paper there (QuEST: MSE ranges, 8-bit first/last layers and
     time embedding), so the bits preset stays the papers' plain setting and every strengthening
     shows in the run label (:func:`bits_label` of this mapping). A user changes them with
-    ``method.bits_rules.<key>=...``.
+    ``method.bits_rules.<key>=...``; a ``bits.<key>`` override that a rule would replace is
+    refused, naming that key.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -548,6 +551,21 @@ def run_bits(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(rules, Mapping):
         raise ConfigError("method.bits_rules", rules, "must be a mapping",
                           f"give keys among {', '.join(RULE_KEYS)}")
+    preset = _raw_preset(bits["name"]) if bits.get("name") in preset_names() else None
+
+    def shadowed(path: tuple[str, ...]) -> None:
+        """A rule that would silently replace a ``bits.<key>`` override is refused."""
+        if preset is None:
+            return
+        have, ref = bits, preset
+        for p in path:
+            have, ref = (have or {}).get(p, _MISSING), (ref or {}).get(p, _MISSING)
+        if have is not _MISSING and have != ref:
+            key = ".".join(path)
+            raise ConfigError(f"bits.{key}", have,
+                              f"method.bits_rules.{key} sets this key for the method",
+                              f"pass method.bits_rules.{key}={have} instead")
+
     for k, v in rules.items():
         if k not in RULE_KEYS:
             raise ConfigError(f"method.bits_rules.{k}", v,
@@ -559,8 +577,11 @@ def run_bits(config: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"method.bits_rules.{k}", bad,
                                   "not a quantizer rule a method may set",
                                   f"use keys among {', '.join(RULE_SPEC_KEYS)}")
+            for sk in v:
+                shadowed((k, sk))
             bits[k] = {**dict(bits.get(k) or {}), **dict(v)}
         else:
+            shadowed((k,))
             bits[k] = v
     return bits
 
