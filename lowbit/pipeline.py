@@ -269,6 +269,10 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
 
 
 def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:
+    """Results, costs and the sample grid into the job's W&B run: the run the fine-tune's
+    WandbLogger wrote its curves to (same id, :func:`lowbit.train.fit.wandb_run_id`)."""
+    from lowbit.train.fit import wandb_run_id
+
     lg = cfg.logger
     run = WandbRun(
         enabled=lg.name == "wandb",
@@ -276,6 +280,7 @@ def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) ->
         mode=lg.get("mode", "offline"), dir=str(out), tags=list(cfg.get("tags", [])),
         name=f"{results['model']}-{results['method']}-{results['bits']}-{results['sampler']}",
         config=results["config"], reinit="finish_previous",
+        id=wandb_run_id(cfg), resume="allow",
     )
     try:
         run.log_results(results, grid)

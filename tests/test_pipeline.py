@@ -77,6 +77,32 @@ def test_wandb_failure_keeps_results(make_cfg, monkeypatch):
     assert tracking  # the tracker module reported instead of raising
 
 
+def test_results_go_to_the_wandb_run_of_the_training_curves(make_cfg, monkeypatch):
+    """The pipeline's W&B run and the fine-tune's WandbLogger share one run id."""
+    import wandb
+
+    from lowbit.train.fit import build_loggers
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: Recorder(**kw))
+    cfg = make_cfg("metrics.num_samples=20", "sampler=ddim20", "sampler.steps=3", "logger=wandb")
+    run_experiment(cfg)
+    assert len(calls) == 1 and calls[0]["resume"] == "allow"
+    train_logger = build_loggers(cfg, Path(cfg.paths.output_dir))[1]
+    assert calls[0]["id"] == train_logger._wandb_init["id"]
+
+
 def test_peak_memory_is_per_run_not_per_process():
     """A big allocation before the run does not leak into the run's peak (Hydra's basic
     launcher runs all jobs of a sweep in one process)."""
