@@ -337,6 +337,22 @@ def test_non_finite_cached_trajectories_are_regenerated(tmp_path):
     assert torch.isfinite(again.xt).all() and torch.equal(again.xt, first.xt)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_calibration_on_non_finite_inputs_stops_naming_the_quantizer(bad):
+    from lowbit.models.digits import build_digits_unet
+    from lowbit.quant import QuantConfig, calibrate_, quantize_
+
+    torch.manual_seed(0)
+    net = build_digits_unet().eval()
+    quantize_(net, QuantConfig.preset("w8a8"))
+    x = torch.randn(2, 1, 16, 16)
+    good = {"sample": x, "timestep": torch.tensor(500), "class_labels": torch.tensor([0, 1])}
+    x_bad = x.clone()
+    x_bad[0, 0, 3, 3] = bad
+    with pytest.raises(FloatingPointError, match=r"calibrating conv_in\.input: .*NaN/inf.*Fix:"):
+        calibrate_(net, [good, {**good, "sample": x_bad}])
+
+
 # ------------------------------------------------------------------------------------------------
 # trajectory cache key
 # ------------------------------------------------------------------------------------------------

@@ -78,8 +78,14 @@ class ActObserver:
                     f"pass `timestep` in each calibration batch.")
             key = float(t)
         rows = quantizer.rows(x.detach().float())
-        self.buckets.setdefault(key, _BucketStats()).update(rows, self.max_cols,
-                                                             self.generator)
+        st = self.buckets.setdefault(key, _BucketStats())
+        st.update(rows, self.max_cols, self.generator)
+        if not (torch.isfinite(st.xmin).all() and torch.isfinite(st.xmax).all()):
+            where = "" if key is None else f" at timestep {key:g}"
+            raise FloatingPointError(
+                f"calibrating {quantizer.name}: its input holds NaN/inf{where} (call "
+                f"{st.calls}), so no range can be set. Fix: check the calibration data (FP "
+                f"trajectories, guidance scale) and the model's weights.")
 
     @torch.no_grad()
     def finalize(self, quantizer: UniformQuantizer) -> bool:
