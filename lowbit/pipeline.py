@@ -59,6 +59,20 @@ def run_experiment(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     check_writable(out)
     attempt = Attempt(out, rundir.hydra_staging(out), rundir.run_fingerprint(cfg))
+    lock = rundir.RunLock(out)
+    try:
+        lock.acquire()
+    except Exception:
+        attempt.discard()
+        raise
+    try:
+        return _attempt(cfg, out, attempt)
+    finally:
+        lock.release()
+
+
+def _attempt(cfg: DictConfig, out: Path, attempt: Attempt) -> dict:
+    """:func:`run_experiment` once this process holds the folder's lock."""
     try:
         previous = rundir.check_skip(out, cfg)
     except Exception:

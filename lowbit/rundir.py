@@ -64,8 +64,10 @@ FAILED_ATTEMPT = ".failed-attempt"
 ATTEMPT_FILE = "attempt.json"
 #: training state kept across attempts (resume); stamped by checkpoints/fingerprint.json
 STATE_DIRS = (CHECKPOINTS, "adaround", "train_logs")
+#: held (flock) by the live attempt: a second process on the same folder is refused
+LOCK_FILE = ".lock"
 #: kept across attempts without belonging to one
-KEPT = (*STATE_DIRS, "wandb")
+KEPT = (*STATE_DIRS, "wandb", LOCK_FILE)
 #: safetensors metadata key of the student's fingerprint
 STUDENT_FINGERPRINT_KEY = "lowbit_fingerprint"
 
@@ -292,6 +294,50 @@ def unstamp_if_unused(run_dir: Path) -> None:
     ck = Path(run_dir) / CHECKPOINTS
     if not state_dirs(run_dir) and ck.is_dir():
         shutil.rmtree(ck, ignore_errors=True)
+
+
+# -- one live attempt per folder ------------------------------------------------------------------
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.lock`` for the whole attempt: a second process
+    running a job in the same folder (two sweeps with one ``hydra.sweep.dir``, a re-run while the
+    first is alive) is refused before any compute instead of deleting the live attempt's staging
+    folder. The lock dies with its process, so a killed attempt never blocks the next one."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent}: another attempt (pid {holder}) is running in this folder. "
+                f"Fix: wait for it to finish, or run this job in another folder "
+                f"(hydra.run.dir / hydra.sweep.dir)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # -- staging and swap -----------------------------------------------------------------------------

@@ -337,6 +337,20 @@ def test_non_finite_cached_trajectories_are_regenerated(tmp_path):
     assert torch.isfinite(again.xt).all() and torch.equal(again.xt, first.xt)
 
 
+def test_a_second_live_attempt_on_the_folder_is_refused(make_cfg, no_compute):
+    from lowbit.pipeline import run_experiment
+    from lowbit.rundir import RunDirError, RunLock
+
+    cfg = make_cfg("metrics.num_samples=20")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # another process's attempt, alive
+        with pytest.raises(RunDirError, match=r"another attempt \(pid \d+\).*Fix:.*hydra.run.dir"):
+            run_experiment(cfg)
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
+    RunLock(out).acquire().release()  # released: the next attempt may run
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_calibration_on_non_finite_inputs_stops_naming_the_quantizer(bad):
     from lowbit.models.digits import build_digits_unet
