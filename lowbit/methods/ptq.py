@@ -17,13 +17,14 @@ from torch import nn
 from lowbit.data.trajectories import TrajectorySet, fp_trajectories
 from lowbit.methods.base import Method, MethodContext
 from lowbit.quant import QuantConfig, adaround_, run_bits
+from lowbit.quant.act_recon import ActReconConfig, act_reconstruct_
 from lowbit.sampling import SamplerConfig
 from lowbit.train import build_student, derive_seed
 from lowbit.train.hparams import HParamError, MethodParams
 
 log = logging.getLogger(__name__)
 
-RECON = ("none", "adaround")
+RECON = ("none", "adaround", "qdiff")
 
 
 def sampler_config(cfg) -> SamplerConfig:
@@ -76,11 +77,16 @@ class CalibParams(MethodParams):
 class PTQParams(CalibParams):
     recon: str = "none"
     adaround: dict = dataclasses.field(default_factory=dict)
+    act_recon: dict = dataclasses.field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
         if self.recon not in RECON:
             raise HParamError(f"{prefix}.recon={self.recon!r}: choose one of {', '.join(RECON)}")
+        try:  # fails now, not after the weight reconstruction
+            ActReconConfig.from_dict(self.act_recon, key=f"{prefix}.act_recon")
+        except ValueError as e:
+            raise HParamError(str(e)) from e
 
 
 class PTQ(Method):
@@ -98,6 +104,9 @@ class PTQ(Method):
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
         p = self.params
         qcfg = quant_config(ctx.cfg)  # bad bits fail here, before any compute
+        if p.recon == "qdiff" and not qcfg.act.enabled:
+            raise HParamError(f"method.recon=qdiff reconstructs activation steps, but bits="
+                              f"{qcfg.name} keeps activations FP: use method.recon=adaround")
         t0 = time.perf_counter()
         traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
@@ -109,7 +118,13 @@ class PTQ(Method):
 
         student, info = build_student(
             teacher, qcfg, traj.batches(p.calib_batch_size), max_samples=p.max_samples,
-            transform=reconstruct if p.recon == "adaround" else None)
+            transform=reconstruct if p.recon in ("adaround", "qdiff") else None)
+        if p.recon == "qdiff":  # Q-Diffusion: then the activation Δ, block by block (LSQ)
+            t1 = time.perf_counter()
+            act = act_reconstruct_(student, traj.batches(p.calib_batch_size), dict(p.act_recon),
+                                   state_dir=ctx.output_dir / "adaround")
+            info.calib_s += time.perf_counter() - t1
+            ctx.report["act_recon"] = act.to_dict()
         ctx.cost["calib_s"] = info.calib_s
         ctx.cost["trainable_params"] = 0
         ctx.report.update(info.report())
