@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
     images = decode_images(model, x, sampler.batch_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent jobs share the cache
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(path)
     return images

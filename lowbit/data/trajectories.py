@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ def fp_trajectories(denoiser: Denoiser, sampler: SamplerConfig, n: int, calib_st
                          sampler.guidance_scale, denoiser)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent jobs share the cache
         tensors = {"xt": traj.xt.contiguous(), "timesteps": traj.timesteps}
         if cond is not None:
             tensors["cond"] = cond.contiguous()
