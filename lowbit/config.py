@@ -140,6 +140,19 @@ def check_cache_dir(cfg: DictConfig) -> None:
         raise ConfigError("paths.cache_dir", str(v), "is not writable", fix)
 
 
+def _check_cache(cfg: DictConfig) -> None:
+    from lowbit.cache import build_cache
+
+    try:
+        build_cache(_get(cfg, "cache"))
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        key = msg.split("=", 1)[0] if msg.startswith("cache.") else "cache"
+        raise ConfigError(key, _get(cfg, key) if key != "cache" else _get(cfg, "cache.name"),
+                          msg, "see lowbit/conf/cache/deepcache.yaml for the keys and ranges"
+                          ) from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found; return None if the run can start."""
     bad = _non_finite(OmegaConf.to_container(cfg, resolve=True))
@@ -153,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "metrics.num_samples", 500)
     _check_sampler(cfg)
     _positive_int(cfg, "sampler.steps", 20)
+    _check_cache(cfg)
     if _get(cfg, "sampler.consistent_clip") is not None:
         _bool(cfg, "sampler.consistent_clip")
     _positive_int(cfg, "sampler.batch_size", 250)

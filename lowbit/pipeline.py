@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lowbit
 from lowbit import rundir
+from lowbit.cache import DeepCache, build_cache
 from lowbit.config import ConfigError, check_writable, validate
 from lowbit.data.digits import save_png_folder, to_uint8
 from lowbit.memory import PeakMemory
@@ -23,7 +25,8 @@ from lowbit.metrics.cost import integer_gemm, model_costs
 from lowbit.models.adapter import Denoiser
 from lowbit.quant import QuantModuleMixin, bits_label, run_bits
 from lowbit.rundir import RESULTS, STUDENT, Attempt
-from lowbit.sampling import NonFiniteError, SamplerConfig, check_scheduler, sample_many
+from lowbit.sampling import (NonFiniteError, SamplerConfig, build_scheduler, check_scheduler,
+                             sample_many)
 from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,9 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     sampler = SamplerConfig.from_cfg(cfg.sampler)
     check_scheduler(model.noise_schedule, sampler)  # steps vs. the model's schedule: no compute
     teacher = model.net.eval()
+    feature_cache = build_cache(cfg.get("cache"))
+    if feature_cache is not None:
+        feature_cache.check(teacher)  # e.g. a DiT: refused before any compute
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
                         model=model, dataset=dataset)
     method = build_method(cfg.method)
@@ -159,8 +165,13 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     prompts = ([conditions[i % len(conditions)] for i in range(n)]
                if model.conditioning == "text" else None)
     t0 = time.perf_counter()
-    x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
-    sample_s = time.perf_counter() - t0
+    cache_cost: dict = {}
+    if feature_cache is None:
+        x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
+        sample_s = time.perf_counter() - t0
+    else:
+        x0, sample_s, cache_cost = _sample_cached(model.with_net(student), feature_cache, sampler,
+                                                  cond, n, int(cfg.seed))
     images = decode_images(model, x0, sampler.batch_size)
     labels = cond if model.conditioning == "class" else None
 
@@ -174,7 +185,7 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     t0 = time.perf_counter()
     fp_images = None
     if suite.needs_fp_images:
-        fp_images = images if student is teacher else fp_samples(
+        fp_images = images if student is teacher and feature_cache is None else fp_samples(
             model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
     metrics = _measure(cfg, suite, sample_dir, images,
                        prompts if prompts is not None else labels, dataset, device, fp_images)
@@ -194,6 +205,7 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         "fake_quant_layers": sum(1 for m in student.modules()
                                  if isinstance(m, QuantModuleMixin) and not integer_gemm(m)),
         "sample_s": sample_s,
+        **cache_cost,
         "metrics_s": metrics_s,
         "total_s": time.perf_counter() - t_start,
         "peak_mem_mb": memory.read(),
@@ -208,6 +220,7 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         "dataset": cfg.dataset.name,
         "sampler": sampler.label(),
         "sampler_preset": cfg.sampler.name,
+        "cache": "none" if feature_cache is None else feature_cache.label,
         "metrics": metrics,
         "cost": cost,
         "report": ctx.report,
@@ -281,6 +294,56 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(path)
     return images
+
+
+def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,
+                   cond: torch.Tensor | None, n: int, seed: int
+                   ) -> tuple[torch.Tensor, float, dict]:
+    """Sample with the feature cache attached; costs measured, not estimated: FLOPs of one full
+    and one partial call (torch's FlopCounterMode, per sample) averaged over the schedule, and
+    the wall time of one batch with and without the cache on the same seed (``cache_speedup``)."""
+    from lowbit.metrics.cost import example_inputs
+
+    timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
+    with cache.attach(model.net, timesteps) as handle:
+        t0 = time.perf_counter()
+        x0 = sample_many(model, sampler, cond, n, seed=seed)
+        sample_s = time.perf_counter() - t0
+        calls = dict(handle.calls)
+    full_t = max(handle.full)
+    partial_t = next((int(t) for t in timesteps if int(t) not in handle.full), None)
+    flops = {"full": _flops(model.net, example_inputs(model, model.device, full_t)), "partial": None}
+    if partial_t is not None:
+        with cache.attach(model.net, timesteps):
+            _flops(model.net, example_inputs(model, model.device, full_t))  # fills the cache
+            flops["partial"] = _flops(model.net, example_inputs(model, model.device, partial_t))
+    n_full = sum(int(t) in handle.full for t in timesteps)
+    n_part = len(timesteps) - n_full
+    avg = (n_full * flops["full"] + n_part * (flops["partial"] or 0)) / len(timesteps)
+    m = min(sampler.batch_size, n)
+    c = cond[:m] if cond is not None else None
+    one = dataclasses.replace(sampler, batch_size=m)
+    t0 = time.perf_counter()
+    sample_many(model, one, c, m, seed=seed, progress=False)
+    plain = time.perf_counter() - t0
+    with cache.attach(model.net, timesteps):
+        t0 = time.perf_counter()
+        sample_many(model, one, c, m, seed=seed, progress=False)
+        cached = time.perf_counter() - t0
+    return x0, sample_s, {
+        "cache_calls": calls, "cache_full_steps": n_full, "cache_partial_steps": n_part,
+        "flops_full_step": flops["full"], "flops_partial_step": flops["partial"],
+        "flops_per_step": avg, "flops_x": flops["full"] / max(avg, 1e-12),
+        "cache_speedup": plain / max(cached, 1e-12)}
+
+
+@torch.no_grad()
+def _flops(net: torch.nn.Module, inputs: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        net(**inputs)
+    return float(counter.get_total_flops())
 
 
 def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:
