@@ -57,11 +57,11 @@ def test_tbs_layers_have_thresholds_scaling_and_shortcut(setup):
     conv = student.get_submodule("down_blocks.1.resnets.0.conv1")
     assert isinstance(conv, BinaryConv2d)
     assert isinstance(conv.input_quantizer, ActBinarizer) and conv.input_quantizer.threshold is not None
-    assert conv.scale_filter.shape == (1, 1, 3, 3)
-    torch.testing.assert_close(conv.scale_filter.detach(), torch.full((1, 1, 3, 3), 1 / 9))
-    torch.testing.assert_close(conv.shortcut_scale.detach(), torch.full((64,), 0.3))
+    assert conv.scaling.filter.shape == (1, 1, 3, 3) and conv.scaling.filter.requires_grad
+    torch.testing.assert_close(conv.scaling.filter.detach(), torch.full((1, 1, 3, 3), 1 / 9))
+    torch.testing.assert_close(conv.shortcut.scale.detach(), torch.full((64,), 0.3))
     xnor = BiDM(compose_config(["method=bidm", "method.tbs=false"]).method).binary_spec()
-    assert (xnor.act, xnor.scaling, xnor.shortcut) == ("sign", False, "none")
+    assert (xnor.act, xnor.scaling, xnor.shortcut) == ("sign", "none", "none")
 
 
 def test_cross_timestep_changes_outputs_only_where_enabled(setup):

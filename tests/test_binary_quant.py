@@ -1,4 +1,5 @@
-"""Binarizers (lowbit.quant.binary): values, STE gradients, EBB regulariser, binary layers."""
+"""Binarizers (lowbit.quant.binary): values, STE gradients, binary layers, the kind registries;
+BinaryDM's EBB binarizer and BiDM's shortcut as registered kinds."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from lowbit.quant.binary import (
     BinaryConv2d,
     BinaryLinear,
     BinarySpec,
-    EBBWeightBinarizer,
     SignWeightBinarizer,
     binarize_,
-    channel_map,
     sign_clip_ste,
     sign_quad_ste,
 )
+from lowbit.quant.channels import channel_map
 
 X = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
 
@@ -52,6 +52,8 @@ def test_sign_weight_binarizer_scales_by_mean_abs():
 
 
 def test_ebb_two_bases_by_hand_then_one_after_the_switch():
+    from lowbit.methods.binarydm import EBBWeightBinarizer
+
     w = torch.tensor([[0.5, -0.1, 0.2, -0.6]])
     b = EBBWeightBinarizer(w)
     # σ₁ = mean|w| = 0.35; residual r = w − σ₁ sign w = [0.15, 0.25, −0.15, −0.25]; σ₂ = 0.2
@@ -67,6 +69,8 @@ def test_ebb_two_bases_by_hand_then_one_after_the_switch():
 
 
 def test_ebb_regulariser_drives_sigma2_to_zero():
+    from lowbit.methods.binarydm import EBBWeightBinarizer
+
     torch.manual_seed(0)
     w = torch.randn(8, 16) * 0.05
     b = EBBWeightBinarizer(w)
@@ -123,7 +127,9 @@ def _binary_tiny(spec: BinarySpec) -> tuple[nn.Module, nn.Module]:
 
 
 def test_binary_conv_matches_its_formula_and_is_fp_when_disabled():
-    spec = BinarySpec(weight="xnor", act="rsign", scaling=True, shortcut="identity")
+    import lowbit.methods.bidm  # noqa: F401 - registers the shortcut kinds
+
+    spec = BinarySpec(weight="xnor", act="rsign", scaling="learned", shortcut="identity")
     fp, m = _binary_tiny(spec)
     assert isinstance(m.body, BinaryConv2d) and isinstance(m.head, BinaryLinear)
     x = torch.randn(3, 4, 6, 6)
@@ -145,12 +151,14 @@ def test_binary_conv_matches_its_formula_and_is_fp_when_disabled():
 
 
 def test_binary_layers_train_their_extras():
-    fp, m = _binary_tiny(BinarySpec(weight="sign", act="rsign", scaling=True, shortcut="conv"))
+    import lowbit.methods.bidm  # noqa: F401 - registers the shortcut kinds
+
+    fp, m = _binary_tiny(BinarySpec(weight="sign", act="rsign", scaling="learned", shortcut="conv"))
     x = torch.randn(4, 2, 6, 6)
     loss = (m(x) - fp(x).detach()).pow(2).mean()
     loss.backward()
     for p in (m.body.weight, m.body.weight_quantizer.alpha, m.body.input_quantizer.threshold,
-              m.body.scale_filter, m.body.shortcut_scale, m.body.shortcut_proj.weight):
+              m.body.scaling.filter, m.body.shortcut.scale, m.body.shortcut.proj.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -166,6 +174,8 @@ def test_calibration_skips_binarizers_and_size_counts_one_bit():
     size = model_size(m)
     n_w = sum(mod.weight.numel() for mod in (m.conv_in, m.body, m.head))
     assert size.weight_bits_total == n_w  # one bit per binary weight
+    from lowbit.methods.binarydm import EBBWeightBinarizer
+
     ebb = copy.deepcopy(m)
     ebb.body.weight_quantizer = EBBWeightBinarizer(ebb.body.weight)
     assert model_size(ebb).weight_bits_total == n_w + ebb.body.weight.numel()  # 2 bases

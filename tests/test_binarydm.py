@@ -13,14 +13,16 @@ from lowbit.methods.base import MethodContext
 from lowbit.methods.binarydm import (
     BinaryDM,
     EBBRegularizer,
+    EBBWeightBinarizer,
     LRMLoss,
     block_channels,
     channel_pca,
+    ebb_binarizers,
     ebb_block_set,
     project,
 )
 from lowbit.models.digits import load_digits_model
-from lowbit.quant.binary import EBBWeightBinarizer, SignWeightBinarizer, ebb_binarizers
+from lowbit.quant.binary import SignWeightBinarizer
 from lowbit.train import (
     DiffusionLoss,
     RealImageData,

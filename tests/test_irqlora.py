@@ -8,15 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.methods.irqlora import (
-    BlockwiseGridQuantizer,
-    IECLoRA,
-    apply_irqlora_,
-    double_quantize,
-    normal_float_levels,
-)
+from lowbit.methods.irqlora import apply_irqlora_
 from lowbit.models.digits import load_digits_model
 from lowbit.quant import QuantConfig, quantize_
+from lowbit.quant.blockwise import BlockwiseGridQuantizer, double_quantize, normal_float_levels
+from lowbit.quant.lora import IECLoRA
 from lowbit.sampling import SamplerConfig
 from lowbit.train import FPTrajectoryStream, StudentModule, TeacherMSE, param_group
 

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from lowbit.cli import compose_config
 from lowbit.data.trajectories import fp_trajectories
 from lowbit.methods import MethodContext, build_method
-from lowbit.methods.binarydm import BinaryDM, EBBRegularizer
+from lowbit.methods.binarydm import BinaryDM, EBBRegularizer, ebb_binarizers
 from lowbit.methods.ptq import quant_config
 from lowbit.models.digits import load_digits_model
-from lowbit.quant.binary import ebb_binarizers
 from lowbit.sampling import SamplerConfig
 from lowbit.train import (
     FPTrajectoryData,

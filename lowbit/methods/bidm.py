@@ -5,8 +5,9 @@
 - every 1-bit Conv/Linear becomes ``conv(sign(x + t_c), sign(W))·α ⊙ (k ∗ mean_c|x|) + s ⊙ P(x)``
   (:class:`~lowbit.quant.binary.BinaryConv2d`): learnable per-input-channel threshold t_c with the
   piecewise-quadratic STE, α = mean|W| per output channel, learnable k×k filter k (init 1/k²), and
-  a real-valued shortcut with learnable s (init 0.3; ``method.shortcut``: ``identity`` is the
-  parameter-free channel/stride map, ``conv`` a real 1×1 conv when the shapes differ);
+  a real-valued shortcut (:class:`BinaryShortcut`, shortcut kinds registered here) with learnable
+  s (init 0.3; ``method.shortcut``: ``identity`` is the parameter-free channel/stride map,
+  ``conv`` a real 1×1 conv when the shapes differ);
 - cross-timestep feature connection (:class:`CrossTimestepBlock`): the outputs of the last
   ``ctc_blocks`` up-path timestep blocks become ``(1−α)·current + α·previous``, α learnable per
   block and timestep bucket (init 0.3), ``previous`` the block's output at the previous denoising
@@ -35,12 +36,70 @@ from torch import Tensor, nn
 
 from lowbit.methods.base import MethodContext
 from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams
-from lowbit.quant.binary import BinarySpec
+from lowbit.quant.binary import BinarySpec, register_shortcut
+from lowbit.quant.channels import channel_map
 from lowbit.quant.qmap import register_module_class
 from lowbit.train import LossTerm, NoiseSchedule, StepOutputs, as_tensor, timestep_blocks
 from lowbit.train.hparams import HParamError
 
 CTC_HOOK_ATTR = "_lowbit_cross_timestep_hook"
+
+
+# ------------------------------------------------------------------------------------------------
+# the real-valued shortcut of TBS
+# ------------------------------------------------------------------------------------------------
+class BinaryShortcut(nn.Module):
+    """BiDM's real-valued shortcut inside a binary layer: ``s ⊙ P(x)`` added to its output, s
+    learnable per output channel (init ``shortcut_init``). P maps the input to the output's
+    channels — the identity when they agree; otherwise a real 1×1 conv / linear (``proj=True``,
+    initialised as the parameter-free map) or the parameter-free channel map
+    (:func:`~lowbit.quant.channels.channel_map`) — and, after a strided conv, to its grid by
+    average pooling over the stride window."""
+
+    def __init__(self, layer: nn.Module, init: float, proj: bool) -> None:
+        super().__init__()
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        dev = layer.weight.device
+        self.in_dim = layer.in_channels if self.is_conv else layer.in_features
+        self.out_dim = layer.out_channels if self.is_conv else layer.out_features
+        self.scale = nn.Parameter(torch.full((self.out_dim,), float(init), device=dev))
+        self.proj = self._make_proj(dev) if proj and self.in_dim != self.out_dim else None
+
+    def _make_proj(self, dev) -> nn.Module:
+        eye = torch.eye(self.in_dim, device=dev)
+        if self.is_conv:
+            proj = nn.Conv2d(self.in_dim, self.out_dim, 1, bias=False, device=dev)
+            init = channel_map(eye[:, :, None, None], self.out_dim, 1).transpose(0, 1)
+        else:
+            proj = nn.Linear(self.in_dim, self.out_dim, bias=False, device=dev)
+            init = channel_map(eye, self.out_dim, -1).T
+        with torch.no_grad():  # start as the parameter-free map
+            proj.weight.copy_(init)
+        return proj
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        axis = 1 if self.is_conv else -1
+        p = self.proj(x) if self.proj is not None else channel_map(x, self.out_dim, axis)
+        if self.is_conv:
+            if p.shape[-2:] != y.shape[-2:]:  # strided conv: average over the stride window
+                p = F.adaptive_avg_pool2d(p, y.shape[-2:])
+            return self.scale.reshape(1, -1, 1, 1) * p
+        return self.scale * p
+
+    def extra_macs(self, x: Tensor, y: Tensor) -> float:
+        """The 1×1 projection's MACs per sample (the rest is elementwise)."""
+        if self.proj is None:
+            return 0.0
+        positions = x.shape[-1] * x.shape[-2] if self.is_conv else x.numel() / x.shape[-1] / x.shape[0]
+        return float(positions * self.in_dim * self.out_dim)
+
+
+register_shortcut("identity", lambda layer, spec: BinaryShortcut(layer, spec.shortcut_init, False))
+register_shortcut("conv", lambda layer, spec: BinaryShortcut(layer, spec.shortcut_init, True))
+register_module_class(
+    BinaryShortcut,
+    describe=lambda m: {"proj": m.proj is not None},
+    build=lambda _e, s, ctx: BinaryShortcut(ctx.parent, 0.0, bool(s["proj"])))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +362,7 @@ class BiDM(BinaryQAT):
         p = self.params
         if not p.tbs:
             return BinarySpec(weight="xnor", act="sign")
-        return BinarySpec(weight="xnor", act="rsign", scaling=True, shortcut=p.shortcut,
+        return BinarySpec(weight="xnor", act="rsign", scaling="learned", shortcut=p.shortcut,
                           shortcut_init=p.shortcut_init)
 
     def ctc_offset(self, ctx: MethodContext, num_train_timesteps: int) -> int:

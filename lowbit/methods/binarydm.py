@@ -1,6 +1,7 @@
 """``method=binarydm``: BinaryDM (Zheng et al., ICLR 2025) — 1-bit weights (W1A4, also W1A8/W1A32).
 
-- **EBB** (Evolvable-Basis Binarizer, :class:`~lowbit.quant.binary.EBBWeightBinarizer`) on the
+- **EBB** (Evolvable-Basis Binarizer, :class:`EBBWeightBinarizer`, weight binarizer kind ``ebb``
+  of :mod:`lowbit.quant.binary`) on the
   layers of the first and last ``ebb_blocks`` timestep blocks (head and tail, the highest
   resolutions); the central blocks use the plain learnable ``σ₁·sign(w)``. Regulariser
   ``τ·mean|σ₂|`` (τ = 9e-2) drives the second basis to 0; at ``ebb_switch`` (fraction of the
@@ -30,7 +31,15 @@ from torch import Tensor, nn
 from lowbit.methods.base import MethodContext
 from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams, real_images
 from lowbit.models.adapter import Denoiser
-from lowbit.quant.binary import BinarySpec, EBBWeightBinarizer, ebb_binarizers
+from lowbit.quant.binary import (
+    Binarizer,
+    BinarySpec,
+    binarizers,
+    per_channel_mean_abs,
+    register_weight_binarizer,
+    sign_clip_ste,
+)
+from lowbit.quant.qmap import register_module_class
 from lowbit.train import (
     LossTerm,
     StepOutputs,
@@ -41,6 +50,89 @@ from lowbit.train import (
     timestep_blocks,
 )
 from lowbit.train.hparams import HParamError
+
+
+# ------------------------------------------------------------------------------------------------
+# EBB
+# ------------------------------------------------------------------------------------------------
+def _channel_view(p: Tensor, ndim: int) -> Tensor:
+    return p.reshape(-1, *[1] * (ndim - 1))
+
+
+class EBBWeightBinarizer(Binarizer):
+    """BinaryDM's Evolvable-Basis Binarizer (EBB), per output channel.
+
+    Stage 1: ``w_b = σ₁·sign(w) + σ₂·sign(w − σ₁·sign(w))`` (two bases); stage 2 (after
+    :meth:`switch_stage`): ``w_b = σ₁·sign(w)``. σ₁ = mean|w|, σ₂ = mean|w − σ₁ sign w| at init,
+    both learnable. :meth:`regularizer` is ``mean|σ₂|`` — BinaryDM's τ·mean(σ₂) (τ applied by
+    :class:`EBBRegularizer`) written with |·| so that it drives σ₂ to 0 from either side, making
+    the switch to one basis smooth. The stage is a buffer, so a checkpoint restores it.
+    """
+
+    def __init__(self, weight: Tensor, name: str = "") -> None:
+        super().__init__(name)
+        s1 = per_channel_mean_abs(weight)
+        self.sigma1 = nn.Parameter(s1)
+        self.sigma2 = nn.Parameter(self._residual_scale(weight.detach(), s1))
+        self.register_buffer("stage", torch.ones((), dtype=torch.long))
+
+    @staticmethod
+    def _residual_scale(w: Tensor, s1: Tensor) -> Tensor:
+        r = w - _channel_view(s1, w.dim()) * torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+        return r.abs().reshape(w.shape[0], -1).mean(dim=1)
+
+    @property
+    def bits(self) -> int:
+        return 2 if int(self.stage) == 1 else 1
+
+    def params_by_role(self) -> dict[str, list[nn.Parameter]]:
+        return {"scale": [self.sigma1, self.sigma2], "zero_point": []}
+
+    @torch.no_grad()
+    def init_from_tensor(self, x: Tensor) -> None:
+        s1 = per_channel_mean_abs(x)
+        self.sigma1.copy_(s1)
+        self.sigma2.copy_(self._residual_scale(x.detach(), s1))
+
+    def regularizer(self) -> Tensor:
+        if int(self.stage) != 1:
+            return self.sigma2.new_zeros(())
+        return self.sigma2.abs().mean()
+
+    @torch.no_grad()
+    def switch_stage(self) -> None:
+        """Stage 2: one basis σ₁·sign(w) from now on (BinaryDM's evolution to pure binary)."""
+        self.stage.fill_(2)
+        self.sigma2.requires_grad_(False)
+
+    def binarize(self, w: Tensor) -> Tensor:
+        s1 = _channel_view(self.sigma1, w.dim())
+        b1 = s1 * sign_clip_ste(w)  # BinaryDM Eq. (EBB), first basis
+        if int(self.stage) != 1:
+            return b1
+        s2 = _channel_view(self.sigma2, w.dim())
+        return b1 + s2 * sign_clip_ste(w - b1)  # second basis on the residual
+
+    def extra_repr(self) -> str:
+        return f"stage={int(self.stage)}"
+
+
+def _build_ebb(_existing, spec: dict, _ctx) -> EBBWeightBinarizer:
+    q = EBBWeightBinarizer(torch.zeros(int(spec["out_channels"]), 1), str(spec["name"]))
+    q.enabled = bool(spec.get("enabled", True))
+    return q
+
+
+register_weight_binarizer("ebb", lambda w, name: EBBWeightBinarizer(w, name))
+register_module_class(
+    EBBWeightBinarizer,
+    describe=lambda q: {"out_channels": int(q.sigma1.numel()), "name": q.name,
+                        "enabled": q.enabled},
+    build=_build_ebb)
+
+
+def ebb_binarizers(model: nn.Module) -> list[EBBWeightBinarizer]:
+    return binarizers(model, EBBWeightBinarizer)
 
 
 def ebb_block_set(blocks: list[TimestepBlock], n: int) -> list[TimestepBlock]:

@@ -4,7 +4,8 @@
   input conv, output conv) gets a LoRA whose update is merged *before* weight quantization,
   ``Ŵ = Q(W₀ + B·A)`` (EfficientDM Eq. 5), with the per-channel weight Δ (and zero point)
   learnable. Linear: A [r, in], B [out, r]; conv: A = k×k conv (c_in → r), B = 1×1 conv
-  (r → c_out), so B·A is again a k×k kernel. After training :func:`merge_lora_` folds B·A into
+  (r → c_out), so B·A is again a k×k kernel (:class:`~lowbit.quant.lora.LoRAWeights` in the
+  quantized layers' adapter slot). After training :func:`merge_lora_` folds B·A into
   W₀ and removes the adapters: only Ŵ is stored and inference costs nothing extra.
 - **Scale-aware optimisation**: the LoRA of each layer learns at ``mean(Δ_w) / lora_lr_div``
   (the reference code's per-layer AdamW learning rate), or at ``lora_lr`` with it off.
@@ -22,12 +23,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 import time
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lowbit.methods.base import Method, MethodContext
 from lowbit.methods.ptq import (
@@ -38,7 +38,7 @@ from lowbit.methods.ptq import (
     sampler_config,
 )
 from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin
-from lowbit.quant.qmap import register_module_class
+from lowbit.quant.lora import LoRAWeights
 from lowbit.train import (
     FPTrajectoryData,
     FPTrajectoryStream,
@@ -56,57 +56,16 @@ from lowbit.train.hparams import HParamError, TrainParams
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EfficientDM", "EfficientDMParams", "LoRAWeights", "add_lora_", "has_qalora",
+           "mean_weight_step", "merge_lora_"]
+
 
 # ------------------------------------------------------------------------------------------------
 # QALoRA
 # ------------------------------------------------------------------------------------------------
-class LoRAWeights(nn.Module):
-    """The low-rank update ``scaling · B·A`` of one layer's weight, as a tensor shaped like it: a
-    *weight* adapter for the quantized layers' adapter slot (``layer.set_adapter``; parameters
-    ``<layer>.lora.A`` / ``.B``), so the weight quantizer sees ``W₀ + B·A`` (EfficientDM Eq. 5).
-
-    Linear ``[out, in]``: A ``[r, in]``, B ``[out, r]``. Conv ``[out, in, kh, kw]``: A is a k×k
-    conv kernel ``[r, in, kh, kw]``, B a 1×1 conv ``[out, r, 1, 1]``; conv(conv(x, A), B) =
-    conv(x, B·A) for a 1×1 B, so the update merges exactly. A: Kaiming-uniform, B: zero (the
-    student starts as the PTQ model)."""
-
-    adapts = "weight"
-
-    def __init__(self, weight_shape: Sequence[int], rank: int, scaling: float = 1.0) -> None:
-        super().__init__()
-        out_f, in_f, *kernel = weight_shape
-        self.rank, self.scaling = int(rank), float(scaling)
-        a = torch.empty(self.rank, in_f, *kernel)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as LoRA / PEFT
-        self.A = nn.Parameter(a)
-        self.B = nn.Parameter(torch.zeros(out_f, self.rank, *([1] * len(kernel))))
-        self.weight_shape = tuple(weight_shape)
-
-    def delta(self) -> Tensor:
-        return (self.B.flatten(1) @ self.A.flatten(1)).reshape(self.weight_shape) * self.scaling
-
-
-register_module_class(
-    LoRAWeights,
-    describe=lambda m: {"weight_shape": list(m.weight_shape), "rank": m.rank,
-                        "scaling": m.scaling},
-    build=lambda _e, s, _c: LoRAWeights(s["weight_shape"], int(s["rank"]), float(s["scaling"])))
-
-
-class _HasQALoRA(type):
-    """``isinstance(m, QALoRALinear)``: a quantized layer of that base class with a QALoRA in its
-    adapter slot (the layer's class itself never changes)."""
-
-    def __instancecheck__(cls, obj: object) -> bool:
-        return isinstance(obj, cls.base) and isinstance(getattr(obj, "adapter", None), LoRAWeights)
-
-
-class QALoRALinear(metaclass=_HasQALoRA):
-    base = QuantLinear
-
-
-class QALoRAConv2d(metaclass=_HasQALoRA):
-    base = QuantConv2d
+def has_qalora(module: nn.Module) -> bool:
+    """A quantized Linear/Conv2d with a QALoRA (:class:`LoRAWeights`) in its adapter slot."""
+    return isinstance(module, QuantModuleMixin) and isinstance(module.adapter, LoRAWeights)
 
 
 def add_lora_(model: nn.Module, rank: int, alpha: float | None = None,

@@ -1,11 +1,11 @@
-"""Binarizers (1-bit quantizers) and binary Conv/Linear layers for BinaryDM, BiDM and baselines.
+"""Binarizers (1-bit quantizers), binary Conv/Linear layers, and the registries methods extend.
 
 Maths (functions):
 
 - ``sign_clip_ste``: ``sign(x)`` forward (``sign(0) = +1`` so every code is ±1), straight-through
-  gradient clipped to ``|x| ≤ 1`` (BNN/XNOR-Net; BinaryDM's weight STE).
+  gradient clipped to ``|x| ≤ 1`` (BNN/XNOR-Net).
 - ``sign_quad_ste``: ``sign(x)`` forward, the piecewise-quadratic ApproxSign gradient of Bi-Real Net
-  (``2 − 2|x|`` on ``|x| < 1``, 0 elsewhere), used by ReActNet's RSign and BiDM's activations.
+  (``2 − 2|x|`` on ``|x| < 1``, 0 elsewhere), used by ReActNet's RSign.
 
 State (modules). Binarizers follow the protocol of :class:`~lowbit.quant.UniformQuantizer` that the
 whole-model passes rely on (``bits``, ``enabled``, ``passthrough``, ``dynamic``, ``is_initialized``,
@@ -13,23 +13,29 @@ whole-model passes rely on (``bits``, ``enabled``, ``passthrough``, ``dynamic``,
 ``calibrate_`` (which skips them: they need no calibration), ``quant_params`` and ``model_size``
 treat them like any quantizer:
 
-- :class:`SignWeightBinarizer` — ``α·sign(w)`` per output channel; ``α`` learnable (BinaryDM's plain
-  binarizer σ₁·sign(w)) or recomputed as mean|w| every forward (XNOR-Net).
-- :class:`EBBWeightBinarizer` — BinaryDM's Evolvable-Basis Binarizer with its σ₂ regulariser and
-  stage switch.
+- :class:`SignWeightBinarizer` — ``α·sign(w)`` per output channel; ``α`` learnable, or recomputed
+  as mean|w| every forward (XNOR-Net: gradient through α; ``detach=True``: α a constant).
 - :class:`ActBinarizer` — ``sign(x + t_c)``, ``t_c`` an optional learnable per-channel threshold
-  (ReActNet RSign / BiDM), clipped or quadratic STE.
+  (ReActNet RSign), clipped or quadratic STE.
+- :class:`XNORScaling` — XNOR-Net's activation scaling ``K = k ∗ mean_c|x|`` (k a k×k box filter
+  1/k², fixed, or learnable from that init).
 
 Layers. :class:`BinaryConv2d` / :class:`BinaryLinear` are :class:`QuantConv2d` / :class:`QuantLinear`
-(same parameter names) with binarizers in place of the weight (and optionally input) quantizers,
-plus BiDM's optional learnable scaling ``K = k ∗ mean_c|x|`` and a real-valued shortcut.
-:func:`binarize_` swaps every 1-bit layer of a ``quantize_``-d model for one of them.
+(same parameter names) with binarizers in place of the weight (and optionally input) quantizers:
+``conv(x̂, ŵ) [⊙ K(x)] + b [+ shortcut(x)]``. :func:`binarize_` swaps every 1-bit layer of a
+``quantize_``-d model for one of them, as a :class:`BinarySpec` says.
+
+Registries. Weight binarizer kinds (``sign``, ``xnor`` here) and real-valued shortcut kinds
+(``none`` here) are looked up by name: a method registers its own with
+:func:`register_weight_binarizer` / :func:`register_shortcut` next to its definition, so this
+module knows no method. A quantization map records which module registered the kinds a layer
+uses and imports it before rebuilding the layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,9 +46,8 @@ from torch import Tensor, nn
 from .modules import QuantConv2d, QuantLinear, QuantModuleMixin
 from .qmap import build_quant_layer, describe_quant_layer, register_module_class
 
-WEIGHT_KINDS = ("xnor", "sign", "ebb")
 ACT_KINDS = ("keep", "sign", "rsign")
-SHORTCUTS = ("none", "identity", "conv")
+SCALINGS = ("none", "xnor", "learned")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +93,8 @@ def sign_quad_ste(x: Tensor) -> Tensor:
     return _SignQuadSTE.apply(x)
 
 
-def _per_channel_mean_abs(w: Tensor) -> Tensor:
+def per_channel_mean_abs(w: Tensor) -> Tensor:
+    """mean|w| per output channel (dim 0), detached: the initial α of ``α·sign(w)``."""
     return w.detach().abs().reshape(w.shape[0], -1).mean(dim=1)
 
 
@@ -153,16 +159,18 @@ class Binarizer(nn.Module):
 class SignWeightBinarizer(Binarizer):
     """``α·sign(w)`` per output channel, clipped STE.
 
-    ``learnable=True``: α is a parameter initialised to mean|w| (BinaryDM's σ₁·sign(w) for the
-    central blocks). ``learnable=False``: α = mean|w| recomputed from the current weight every
-    forward (XNOR-Net; BiDM's α), with the gradient through α as in XNOR-Net.
+    ``learnable=True``: α is a parameter initialised to mean|w|. ``learnable=False``: α = mean|w|
+    recomputed from the current weight every forward — with the gradient through α as in XNOR-Net,
+    or, with ``detach=True``, as a constant (only the STE carries the weight's gradient).
     """
 
-    def __init__(self, weight: Tensor, learnable: bool = True, name: str = "") -> None:
+    def __init__(self, weight: Tensor, learnable: bool = True, name: str = "",
+                 detach: bool = False) -> None:
         super().__init__(name)
         self.learnable = learnable
+        self.detach = bool(detach) and not learnable
         if learnable:
-            self.alpha = nn.Parameter(_per_channel_mean_abs(weight))
+            self.alpha = nn.Parameter(per_channel_mean_abs(weight))
 
     def params_by_role(self) -> dict[str, list[nn.Parameter]]:
         return {"scale": [self.alpha] if self.learnable else [], "zero_point": []}
@@ -170,79 +178,25 @@ class SignWeightBinarizer(Binarizer):
     @torch.no_grad()
     def init_from_tensor(self, x: Tensor) -> None:
         if self.learnable:
-            self.alpha.copy_(_per_channel_mean_abs(x))
+            self.alpha.copy_(per_channel_mean_abs(x))
 
     def binarize(self, w: Tensor) -> Tensor:
-        alpha = self.alpha if self.learnable else w.abs().reshape(w.shape[0], -1).mean(dim=1)
+        if self.learnable:
+            alpha = self.alpha
+        else:
+            alpha = (w.detach() if self.detach else w).abs().reshape(w.shape[0], -1).mean(dim=1)
         return _channel_view(alpha, w.dim()) * sign_clip_ste(w)
 
     def extra_repr(self) -> str:
-        return "alpha=learnable" if self.learnable else "alpha=mean|w| (xnor)"
-
-
-class EBBWeightBinarizer(Binarizer):
-    """BinaryDM's Evolvable-Basis Binarizer (EBB), per output channel.
-
-    Stage 1: ``w_b = σ₁·sign(w) + σ₂·sign(w − σ₁·sign(w))`` (two bases); stage 2 (after
-    :meth:`switch_stage`): ``w_b = σ₁·sign(w)``. σ₁ = mean|w|, σ₂ = mean|w − σ₁ sign w| at init,
-    both learnable. :meth:`regularizer` is ``mean|σ₂|`` — BinaryDM's τ·mean(σ₂) (τ applied by the
-    method) written with |·| so that it drives σ₂ to 0 from either side, making the switch to one
-    basis smooth. The stage is a buffer, so a checkpoint restores it.
-    """
-
-    def __init__(self, weight: Tensor, name: str = "") -> None:
-        super().__init__(name)
-        s1 = _per_channel_mean_abs(weight)
-        self.sigma1 = nn.Parameter(s1)
-        self.sigma2 = nn.Parameter(self._residual_scale(weight.detach(), s1))
-        self.register_buffer("stage", torch.ones((), dtype=torch.long))
-
-    @staticmethod
-    def _residual_scale(w: Tensor, s1: Tensor) -> Tensor:
-        r = w - _channel_view(s1, w.dim()) * _sign(w)
-        return r.abs().reshape(w.shape[0], -1).mean(dim=1)
-
-    @property
-    def bits(self) -> int:
-        return 2 if int(self.stage) == 1 else 1
-
-    def params_by_role(self) -> dict[str, list[nn.Parameter]]:
-        return {"scale": [self.sigma1, self.sigma2], "zero_point": []}
-
-    @torch.no_grad()
-    def init_from_tensor(self, x: Tensor) -> None:
-        s1 = _per_channel_mean_abs(x)
-        self.sigma1.copy_(s1)
-        self.sigma2.copy_(self._residual_scale(x.detach(), s1))
-
-    def regularizer(self) -> Tensor:
-        if int(self.stage) != 1:
-            return self.sigma2.new_zeros(())
-        return self.sigma2.abs().mean()
-
-    @torch.no_grad()
-    def switch_stage(self) -> None:
-        """Stage 2: one basis σ₁·sign(w) from now on (BinaryDM's evolution to pure binary)."""
-        self.stage.fill_(2)
-        self.sigma2.requires_grad_(False)
-
-    def binarize(self, w: Tensor) -> Tensor:
-        s1 = _channel_view(self.sigma1, w.dim())
-        b1 = s1 * sign_clip_ste(w)  # BinaryDM Eq. (EBB), first basis
-        if int(self.stage) != 1:
-            return b1
-        s2 = _channel_view(self.sigma2, w.dim())
-        return b1 + s2 * sign_clip_ste(w - b1)  # second basis on the residual
-
-    def extra_repr(self) -> str:
-        return f"stage={int(self.stage)}"
+        if self.learnable:
+            return "alpha=learnable"
+        return "alpha=mean|w| (detached)" if self.detach else "alpha=mean|w| (xnor)"
 
 
 class ActBinarizer(Binarizer):
     """``sign(x + t_c)`` for activations; ``t_c`` a learnable per-channel threshold (ReActNet
-    RSign, BiDM) when ``threshold=True`` (init 0); ``ste``: ``clip`` (XNOR/BNN) or ``quad``
-    (ApproxSign, ReActNet/BiDM). The threshold is applied in the forward pass (BiDM's reference
-    ``BNNLinear`` ignored it — not copied)."""
+    RSign) when ``threshold=True`` (init 0); ``ste``: ``clip`` (XNOR/BNN) or ``quad``
+    (ApproxSign, ReActNet). The threshold is applied in the forward pass."""
 
     def __init__(self, channels: int, channel_axis: int, threshold: bool = False,
                  ste: str = "clip", name: str = "") -> None:
@@ -266,60 +220,157 @@ class ActBinarizer(Binarizer):
 
 
 # ------------------------------------------------------------------------------------------------
+# registries of kinds
+# ------------------------------------------------------------------------------------------------
+WeightBuild = Callable[[Tensor, str], Binarizer]
+ShortcutBuild = Callable[["BinaryConv2d | BinaryLinear", "BinarySpec"], nn.Module]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    build: Callable
+    module: str  # the python module that registered the kind (imported before a rebuild)
+
+
+_WEIGHT_KINDS: dict[str, _Kind] = {}
+_SHORTCUT_KINDS: dict[str, _Kind] = {}
+
+
+def _register(table: dict[str, _Kind], what: str, kind: str, build: Callable) -> None:
+    entry = _Kind(build, getattr(build, "__module__", "") or "")
+    old = table.get(kind)
+    if old is not None and old.module != entry.module:
+        raise ValueError(f"{what} kind {kind!r} is already registered by {old.module}")
+    table[kind] = entry
+
+
+def register_weight_binarizer(kind: str, build: WeightBuild) -> None:
+    """A weight binarizer kind for :class:`BinarySpec` ``weight=``: ``build(weight_part, name)``
+    returns the :class:`Binarizer` of one weight (part)."""
+    _register(_WEIGHT_KINDS, "weight binarizer", kind, build)
+
+
+def register_shortcut(kind: str, build: ShortcutBuild) -> None:
+    """A real-valued shortcut kind for :class:`BinarySpec` ``shortcut=``: ``build(layer, spec)``
+    returns a module whose ``forward(x, y)`` is the term added to the binary layer's output
+    ``y`` (and ``extra_macs(x, y)`` its real-valued MACs per sample)."""
+    _register(_SHORTCUT_KINDS, "shortcut", kind, build)
+
+
+def weight_kinds() -> tuple[str, ...]:
+    return tuple(_WEIGHT_KINDS)
+
+
+def shortcut_kinds() -> tuple[str, ...]:
+    return ("none", *_SHORTCUT_KINDS)
+
+
+register_weight_binarizer("sign", lambda w, name: SignWeightBinarizer(w, True, name))
+register_weight_binarizer("xnor", lambda w, name: SignWeightBinarizer(w, False, name))
+
+
+# ------------------------------------------------------------------------------------------------
 # layers
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BinarySpec:
     """How one 1-bit layer is binarized.
 
-    weight: ``xnor`` (α = mean|w| recomputed), ``sign`` (learnable α), ``ebb`` (BinaryDM EBB).
-    act: ``keep`` (the bits config's quantizer, e.g. 4-bit LSQ), ``sign`` (XNOR), ``rsign``
-    (learnable threshold + quadratic STE). ``scaling``: BiDM/XNOR-Net ``K = k ∗ mean_c|x|`` with a
-    learnable k×k filter (init 1/k²). ``shortcut``: real-valued ``s ⊙ P(x)`` added to the output,
-    ``identity`` (P = parameter-free channel/stride map; s per channel, init ``shortcut_init``) or
-    ``conv`` (P = a real 1×1 conv when the shapes differ, as in BiDM's description).
+    weight: a registered weight binarizer kind (``sign``: learnable α; ``xnor``: α = mean|w|
+    recomputed; methods add theirs). act: ``keep`` (the bits config's quantizer, e.g. 4-bit LSQ),
+    ``sign`` (XNOR), ``rsign`` (learnable threshold + quadratic STE). scaling: XNOR-Net's
+    ``K = k ∗ mean_c|x|`` — ``none``, ``xnor`` (k the fixed k×k box filter 1/k²) or ``learned``
+    (k learnable, init 1/k²). shortcut: a registered real-valued shortcut kind (``none`` here),
+    ``shortcut_init`` its initial scale.
     """
 
     weight: str = "sign"
     act: str = "keep"
-    scaling: bool = False
+    scaling: str = "none"
     shortcut: str = "none"
     shortcut_init: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.weight not in WEIGHT_KINDS:
-            raise ValueError(f"weight binarizer {self.weight!r}: choose one of {WEIGHT_KINDS}")
+        if isinstance(self.scaling, bool):  # maps written before scaling had kinds
+            object.__setattr__(self, "scaling", "learned" if self.scaling else "none")
+        if self.weight not in _WEIGHT_KINDS:
+            raise ValueError(f"weight binarizer {self.weight!r}: choose one of "
+                             f"{weight_kinds()}, or import the method module that registers it "
+                             f"(lowbit.quant.binary.register_weight_binarizer)")
         if self.act not in ACT_KINDS:
             raise ValueError(f"activation binarizer {self.act!r}: choose one of {ACT_KINDS}")
-        if self.shortcut not in SHORTCUTS:
-            raise ValueError(f"shortcut {self.shortcut!r}: choose one of {SHORTCUTS}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling {self.scaling!r}: choose one of {SCALINGS}")
+        if self.shortcut not in shortcut_kinds():
+            raise ValueError(f"shortcut {self.shortcut!r}: choose one of {shortcut_kinds()}, or "
+                             f"import the method module that registers it "
+                             f"(lowbit.quant.binary.register_shortcut)")
+
+    def providers(self) -> list[str]:
+        """Python modules that registered this spec's kinds (a rebuild imports them first)."""
+        mods = {_WEIGHT_KINDS[self.weight].module}
+        if self.shortcut != "none":
+            mods.add(_SHORTCUT_KINDS[self.shortcut].module)
+        return sorted(m for m in mods if m and m != __name__)
+
+
+class XNORScaling(nn.Module):
+    """XNOR-Net's activation scaling of a binary layer, ``K = k ∗ mean_c|x|`` on the output grid
+    (conv: the layer's stride/padding/dilation; linear: per token, k one factor). ``learned``: k
+    is a parameter (BiDM's learnable filter), else the fixed box filter 1/k² (XNOR-Net)."""
+
+    def __init__(self, layer: nn.Module, learned: bool) -> None:
+        super().__init__()
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.learned = bool(learned)
+        dev = layer.weight.device
+        if self.is_conv:
+            kh, kw = layer.kernel_size
+            k = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), device=dev)
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        else:
+            k = torch.ones((), device=dev)
+        if self.learned:
+            self.filter = nn.Parameter(k)
+        else:
+            self.register_buffer("filter", k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_conv:
+            a = x.abs().mean(dim=1, keepdim=True)  # A = mean_c |I|
+            return F.conv2d(a, self.filter, None, self.stride, self.padding, self.dilation)
+        return self.filter * x.abs().mean(dim=-1, keepdim=True)
+
+    def extra_macs(self, x: Tensor, y: Tensor) -> float:
+        if not self.is_conv:
+            return 0.0
+        return float(y.shape[-1] * y.shape[-2] * self.filter.numel())
+
+    def extra_repr(self) -> str:
+        return "k=learned" if self.learned else "k=box (xnor)"
 
 
 def _make_weight_binarizer(kind: str, part: Tensor, name: str) -> Binarizer:
-    if kind == "ebb":
-        return EBBWeightBinarizer(part, name)
-    return SignWeightBinarizer(part, learnable=kind == "sign", name=name)
-
-
-def channel_map(x: Tensor, c_out: int, axis: int) -> Tensor:
-    """Parameter-free map of ``x``'s channels to ``c_out``: mean over groups of channels when
-    shrinking, repeat when growing (via the gcd when neither divides the other)."""
-    c_in = x.shape[axis]
-    if c_in == c_out:
-        return x
-    g = math.gcd(c_in, c_out)
-    if g != c_in:  # shrink to g channels: mean of consecutive groups of c_in/g
-        xm = x.movedim(axis, -1)
-        x = xm.reshape(*xm.shape[:-1], g, c_in // g).mean(dim=-1).movedim(-1, axis)
-    if g != c_out:
-        x = x.repeat_interleave(c_out // g, dim=axis)
-    return x
+    return _WEIGHT_KINDS[kind].build(part, name)
 
 
 class _BinaryMixin:
     """Shared by :class:`BinaryConv2d` and :class:`BinaryLinear`."""
 
     binary_spec: BinarySpec
+
+    @classmethod
+    def from_quant(cls, m: QuantModuleMixin, spec: BinarySpec):
+        """The binary layer of a quantized layer ``m`` (same Parameters; with ``act=keep`` its
+        possibly calibrated activation quantizers are kept)."""
+        new = cls.from_module(m, m.weight_spec, m.act_spec, split=m.split, name=m.qualname,
+                              init_weights=False)
+        if spec.act == "keep":
+            new.input_quantizer = m.input_quantizer
+            if m.split:
+                new.input_quantizer_skip = m.input_quantizer_skip
+        new._binarize(spec, m.qualname)
+        return new
 
     def _binarize(self, spec: BinarySpec, name: str) -> None:
         self.binary_spec = spec
@@ -337,17 +388,11 @@ class _BinaryMixin:
             if self.split:
                 self.input_quantizer_skip = ActBinarizer(c_in - self.split, self.channel_axis,
                                                          threshold, ste, f"{name}.input[skip]")
-        self.shortcut_scale = None
-        self.shortcut_proj = None
-        if spec.shortcut != "none":
-            self.shortcut_scale = nn.Parameter(torch.full((self._out_dim(),), spec.shortcut_init,
-                                                          device=self.weight.device))
-            if spec.shortcut == "conv" and self._in_dim() != self._out_dim():
-                self.shortcut_proj = self._make_proj()
+        self.scaling = None if spec.scaling == "none" else \
+            XNORScaling(self, learned=spec.scaling == "learned")
+        self.shortcut = None if spec.shortcut == "none" else \
+            _SHORTCUT_KINDS[spec.shortcut].build(self, spec)
         self.to(self.weight.device)
-
-    def ebb_binarizers(self) -> list[EBBWeightBinarizer]:
-        return [q for q in self.weight_quantizers() if isinstance(q, EBBWeightBinarizer)]
 
     @property
     def binary_active(self) -> bool:
@@ -355,120 +400,40 @@ class _BinaryMixin:
         quantizers disabled (``quant_disabled``) the layer is exactly its FP original."""
         return self.weight_quantizer.enabled
 
-
-class BinaryConv2d(_BinaryMixin, QuantConv2d):
-    """1-bit Conv2d: ``conv(x̂, ŵ) [⊙ K(x)] + b [+ s ⊙ P(x)]``."""
-
-    @classmethod
-    def from_quant(cls, m: QuantConv2d, spec: BinarySpec) -> BinaryConv2d:
-        new = cls.from_module(m, m.weight_spec, m.act_spec, split=m.split, name=m.qualname,
-                              init_weights=False)
-        if spec.act == "keep":  # keep the (possibly calibrated) activation quantizers
-            new.input_quantizer = m.input_quantizer
-            if m.split:
-                new.input_quantizer_skip = m.input_quantizer_skip
-        new._binarize(spec, m.qualname)
-        if spec.scaling:  # XNOR-Net K = A ∗ k, k learnable, init 1/k² (BiDM)
-            kh, kw = new.kernel_size
-            new.scale_filter = nn.Parameter(torch.full((1, 1, kh, kw), 1.0 / (kh * kw),
-                                                       device=new.weight.device))
-        else:
-            new.scale_filter = None
-        return new
-
-    def _in_dim(self) -> int:
-        return self.in_channels
-
-    def _out_dim(self) -> int:
-        return self.out_channels
-
-    def _make_proj(self) -> nn.Conv2d:
-        proj = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=False,
-                         device=self.weight.device)
-        with torch.no_grad():  # start as the parameter-free map, scaled by shortcut_init
-            eye = torch.eye(self.in_channels, device=self.weight.device)[:, :, None, None]
-            proj.weight.copy_(channel_map(eye, self.out_channels, 1).transpose(0, 1))
-        return proj
-
-    def scaling_map(self, x: Tensor) -> Tensor:
-        """K = k ∗ mean_c|x| on the conv's output grid, [B, 1, H', W']."""
-        a = x.abs().mean(dim=1, keepdim=True)
-        return F.conv2d(a, self.scale_filter, None, self.stride, self.padding, self.dilation)
-
-    def shortcut(self, x: Tensor, like: Tensor) -> Tensor:
-        y = self.shortcut_proj(x) if self.shortcut_proj is not None else \
-            channel_map(x, self.out_channels, 1)
-        if y.shape[-2:] != like.shape[-2:]:  # strided conv: average over the stride window
-            y = F.adaptive_avg_pool2d(y, like.shape[-2:])
-        return _channel_view(self.shortcut_scale, y.dim(), 1) * y
-
     def extra_macs(self, x: Tensor, y: Tensor) -> float:
-        """Real-valued MACs beyond the binary conv (per sample): the k×k scaling filter and a
-        1×1 shortcut conv — the conv-like extras the OPs count includes."""
-        hw = y.shape[-1] * y.shape[-2]
-        macs = hw * self.scale_filter.numel() if self.scale_filter is not None else 0
-        if self.shortcut_proj is not None:
-            macs += x.shape[-1] * x.shape[-2] * self.in_channels * self.out_channels
-        return float(macs)
+        """Real-valued MACs beyond the binary product (per sample): the scaling filter and the
+        shortcut's — the conv-like extras the OPs count includes."""
+        macs = 0.0
+        for extra in (self.scaling, self.shortcut):
+            if extra is not None:
+                macs += float(extra.extra_macs(x, y))
+        return macs
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), None)
-        if self.scale_filter is not None and self.binary_active:
-            y = y * self.scaling_map(x)
+    def _binary_output(self, x: Tensor, y: Tensor, bias_shape: tuple[int, ...]) -> Tensor:
+        active = self.binary_active
+        if self.scaling is not None and active:
+            y = y * self.scaling(x)
         if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
-        if self.shortcut_scale is not None and self.binary_active:
+            y = y + self.bias.reshape(bias_shape)
+        if self.shortcut is not None and active:
             y = y + self.shortcut(x, y)
         return y
 
 
+class BinaryConv2d(_BinaryMixin, QuantConv2d):
+    """1-bit Conv2d: ``conv(x̂, ŵ) [⊙ K(x)] + b [+ shortcut(x)]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), None)
+        return self._binary_output(x, y, (1, -1, 1, 1))
+
+
 class BinaryLinear(_BinaryMixin, QuantLinear):
-    """1-bit Linear: ``x̂ ŵᵀ [· k·mean|x|] + b [+ s ⊙ P(x)]``."""
-
-    @classmethod
-    def from_quant(cls, m: QuantLinear, spec: BinarySpec) -> BinaryLinear:
-        new = cls.from_module(m, m.weight_spec, m.act_spec, split=m.split, name=m.qualname,
-                              init_weights=False)
-        if spec.act == "keep":
-            new.input_quantizer = m.input_quantizer
-            if m.split:
-                new.input_quantizer_skip = m.input_quantizer_skip
-        new._binarize(spec, m.qualname)
-        # for a linear layer the k×k filter degenerates to one learnable factor (init 1)
-        new.scale_filter = nn.Parameter(torch.ones((), device=new.weight.device)) \
-            if spec.scaling else None
-        return new
-
-    def _in_dim(self) -> int:
-        return self.in_features
-
-    def _out_dim(self) -> int:
-        return self.out_features
-
-    def _make_proj(self) -> nn.Linear:
-        proj = nn.Linear(self.in_features, self.out_features, bias=False,
-                         device=self.weight.device)
-        with torch.no_grad():
-            eye = torch.eye(self.in_features, device=self.weight.device)
-            proj.weight.copy_(channel_map(eye, self.out_features, -1).T)
-        return proj
-
-    def extra_macs(self, x: Tensor, y: Tensor) -> float:
-        tokens = y.numel() / y.shape[-1] / y.shape[0]
-        return float(tokens * self.in_features * self.out_features) \
-            if self.shortcut_proj is not None else 0.0
+    """1-bit Linear: ``x̂ ŵᵀ [· K(x)] + b [+ shortcut(x)]``."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(self.quantize_input(x), self.quantized_weight(), None)
-        if self.scale_filter is not None and self.binary_active:
-            y = y * (self.scale_filter * x.abs().mean(dim=-1, keepdim=True))
-        if self.bias is not None:
-            y = y + self.bias
-        if self.shortcut_scale is not None and self.binary_active:
-            sc = self.shortcut_proj(x) if self.shortcut_proj is not None else \
-                channel_map(x, self.out_features, -1)
-            y = y + self.shortcut_scale * sc
-        return y
+        return self._binary_output(x, y, (-1,))
 
 
 BINARY_TYPES: dict[type, type] = {QuantConv2d: BinaryConv2d, QuantLinear: BinaryLinear}
@@ -500,8 +465,9 @@ def binarize_(model: nn.Module, spec_for: SpecFn | BinarySpec) -> list[str]:
     return done
 
 
-def ebb_binarizers(model: nn.Module) -> list[EBBWeightBinarizer]:
-    return [m for m in model.modules() if isinstance(m, EBBWeightBinarizer)]
+def binarizers(model: nn.Module, cls: type[Binarizer] = Binarizer) -> list[Binarizer]:
+    """The binarizers of type ``cls`` in ``model`` (forward order)."""
+    return [m for m in model.modules() if isinstance(m, cls)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -515,15 +481,11 @@ def _enabled(q: Binarizer, spec: dict) -> Binarizer:
 register_module_class(
     SignWeightBinarizer,
     describe=lambda q: {"out_channels": int(q.alpha.numel()) if q.learnable else 0,
-                        "learnable": q.learnable, "name": q.name, "enabled": q.enabled},
-    build=lambda _e, s, _c: _enabled(SignWeightBinarizer(
-        torch.zeros(max(1, int(s["out_channels"])), 1), bool(s["learnable"]), str(s["name"])), s))
-register_module_class(
-    EBBWeightBinarizer,
-    describe=lambda q: {"out_channels": int(q.sigma1.numel()), "name": q.name,
+                        "learnable": q.learnable, "detach": q.detach, "name": q.name,
                         "enabled": q.enabled},
-    build=lambda _e, s, _c: _enabled(EBBWeightBinarizer(
-        torch.zeros(int(s["out_channels"]), 1), str(s["name"])), s))
+    build=lambda _e, s, _c: _enabled(SignWeightBinarizer(
+        torch.zeros(max(1, int(s["out_channels"])), 1), bool(s["learnable"]), str(s["name"]),
+        detach=bool(s.get("detach", False))), s))
 register_module_class(
     ActBinarizer,
     describe=lambda q: {"channels": q.channels, "channel_axis": q.channel_axis,
@@ -532,14 +494,22 @@ register_module_class(
     build=lambda _e, s, _c: _enabled(ActBinarizer(
         int(s["channels"]), int(s["channel_axis"]), bool(s["threshold"]), str(s["ste"]),
         str(s["name"])), s))
+register_module_class(
+    XNORScaling,
+    describe=lambda m: {"learned": m.learned},
+    build=lambda _e, s, ctx: XNORScaling(ctx.parent, bool(s["learned"])).to(
+        ctx.parent.weight.device))
 
 
 def _describe_binary_layer(m: BinaryConv2d | BinaryLinear) -> dict:
-    return {**describe_quant_layer(m), "binary": dataclasses.asdict(m.binary_spec)}
+    return {**describe_quant_layer(m), "binary": dataclasses.asdict(m.binary_spec),
+            "providers": m.binary_spec.providers()}
 
 
 def _binary_builder(cls: type, base: type):
     def build(existing, spec, _ctx):
+        for mod in spec.get("providers", ()):  # the modules that register the spec's kinds
+            importlib.import_module(str(mod))
         q = build_quant_layer(base, existing, spec)
         new = cls.from_quant(q, BinarySpec(**spec["binary"]))
         new.train(q.training)
