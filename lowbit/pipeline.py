@@ -188,7 +188,8 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         fp_images = images if student is teacher and feature_cache is None else fp_samples(
             model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
     metrics = _measure(cfg, suite, sample_dir, images,
-                       prompts if prompts is not None else labels, dataset, device, fp_images)
+                       prompts if prompts is not None else labels, dataset, device, fp_images,
+                       model=model, student=student, sampler=sampler)
     metrics_s = time.perf_counter() - t0
     bad = rundir.all_finite(metrics)
     if bad:
@@ -256,13 +257,17 @@ def save_student(student: torch.nn.Module, out: Path) -> Path:
 
 
 def _measure(cfg: DictConfig, suite, sample_dir: Path, images: torch.Tensor, conditions,
-             dataset, device: torch.device, fp_images: torch.Tensor | None) -> dict:
-    """The ``metrics`` group's numbers for the samples of this run."""
+             dataset, device: torch.device, fp_images: torch.Tensor | None,
+             model: Denoiser | None = None, student: torch.nn.Module | None = None,
+             sampler: SamplerConfig | None = None) -> dict:
+    """The ``metrics`` group's numbers for the samples of this run (and, for metrics that read
+    them, for its networks: the FP model, the student and the sampler)."""
     from lowbit.metrics import MetricInputs
 
     inputs = MetricInputs(sample_dir=sample_dir, images=images, conditions=conditions,
                           dataset=dataset, cache_dir=Path(cfg.paths.cache_dir), device=device,
-                          fp_images=fp_images)
+                          fp_images=fp_images, model=model, student=student, sampler=sampler,
+                          seed=int(cfg.seed))
     return suite(inputs)
 
 

@@ -14,13 +14,16 @@ from lowbit.config import ConfigError
 from lowbit.data.datasets import DigitsDataset, PromptsDataset
 from lowbit.data.digits import load_digits_tensors, save_png_folder, to_uint8
 from lowbit.metrics import (
+    PSNR_IDENTICAL,
     DigitsFeatureExtractor,
     DigitsMetrics,
+    EpsError,
     Metric,
     MetricInputs,
     MetricSuite,
     PairedFidelity,
     build_metrics,
+    psnr_from_mse,
 )
 from lowbit.metrics.digits import _keep_size
 from lowbit.models.digits import load_digit_classifier
@@ -48,7 +51,9 @@ def digits_suite(tmp_path_factory):
     from lowbit.cli import compose_config
 
     tmp = tmp_path_factory.mktemp("cfg")
-    cfg = compose_config([f"paths.cache_dir={tmp}"], output_dir=tmp / "run")
+    # the sample metrics only: the ε error reads networks (tests/test_metrics_eps.py)
+    cfg = compose_config([f"paths.cache_dir={tmp}", "metrics.items.eps_error=null"],
+                         output_dir=tmp / "run")
     return build_metrics(cfg.metrics), instantiate(cfg.dataset)
 
 
@@ -66,10 +71,13 @@ def test_metrics_config_builds_a_suite_with_every_key(make_cfg):
     digits, fidelity = suite.items["digits"], suite.items["fidelity"]
     assert isinstance(digits, DigitsMetrics) and isinstance(fidelity, PairedFidelity)
     assert (digits.kid_subsets, digits.batch_size, digits.kid) == (7, 64, True)
-    assert suite.needs_fp_images
+    assert isinstance(suite.items["eps_error"], EpsError)
+    assert suite.needs_fp_images and suite.needs_models
 
-    no_fp = build_metrics(make_cfg("metrics.items.fidelity=null").metrics)
+    no_fp = build_metrics(make_cfg("metrics.items.fidelity=null",
+                                   "metrics.items.eps_error=null").metrics)
     assert list(no_fp.items) == ["digits"] and not no_fp.needs_fp_images
+    assert not no_fp.needs_models
 
     only = build_metrics(make_cfg("metrics=fidelity").metrics)
     assert list(only.items) == ["fidelity"] and only.needs_fp_images
@@ -100,8 +108,10 @@ def test_digits_metrics_fid_equals_the_previous_computation(digits_suite, sample
     assert m["fid"] == pytest.approx(expected, rel=1e-9)
     assert m["cond_acc"] == pytest.approx(float((pred == labels).float().mean()))
     assert 1.0 < m["is"] <= 10.0
-    assert set(suite.items["digits"](_ctx(samples, dataset, cache))) == {"fid", "kid", "cond_acc",
-                                                                        "is"}
+    assert set(suite.items["digits"](_ctx(samples, dataset, cache))) == {
+        "fid", "kid", "fid_ref", "fid_ref_n", "fid_n", "cond_acc", "is"}
+    assert set(m) == {"fid", "kid", "fid_ref", "fid_ref_n", "fid_n", "cond_acc", "is",
+                      "cond_agreement", "feat_dist", "feat_cos_dist", "mse", "psnr"}
 
 
 def test_fidelity_item_needs_the_fp_samples(digits_suite, samples, cache):
@@ -136,12 +146,16 @@ def test_reference_stats_file_gives_the_same_numbers(digits_suite, samples, cach
     a = digits(_ctx(samples, dataset, cache))
     b = digits(_ctx(samples, from_stats, cache))
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and b["kid"] == a["kid"]
+    # what FID/KID were measured against, and on how many images
+    assert (a["fid_ref"], a["fid_ref_n"], a["fid_n"]) == ("digits/all", 1797, 200)
+    assert (b["fid_ref"], b["fid_ref_n"], b["fid_n"]) == ("digits/stats:ref.npz", 1797, 200)
 
     mu_sigma = tmp_path / "mu.npz"
     np.savez(mu_sigma, mu=ref_feats.mean(0), sigma=np.cov(ref_feats, rowvar=False))
     no_kid = DigitsMetrics(kid=False)
     c = no_kid(_ctx(samples, DigitsDataset(reference_stats=str(mu_sigma)), cache))
     assert c["fid"] == pytest.approx(a["fid"], rel=1e-6) and "kid" not in c
+    assert "fid_ref_n" not in c and c["fid_n"] == 200  # mu/sigma do not say how many images
     with pytest.raises(ValueError, match="kid=false"):
         digits(_ctx(samples, DigitsDataset(reference_stats=str(mu_sigma)), cache))
 
@@ -150,9 +164,44 @@ def test_cond_agreement_with_the_fp_samples(digits_suite, samples, cache):
     suite, dataset = digits_suite
     folder, images, labels = samples
     m = suite(_ctx(samples, dataset, cache, fp_images=images))
-    assert m["cond_agreement"] == 1.0 and m["mse"] == 0.0 and m["psnr"] == math.inf
+    assert m["cond_agreement"] == 1.0 and m["mse"] == 0.0 and m["psnr"] == "inf"
     other = images[torch.roll(torch.arange(len(images)), 1)]  # neighbours: other classes mostly
     assert suite(_ctx(samples, dataset, cache, fp_images=other))["cond_agreement"] < 0.5
+
+
+def test_fid_reference_split_is_recorded(samples, cache):
+    held = DigitsDataset(reference_split="heldout")
+    m = DigitsMetrics(kid=False)(_ctx(samples, held, cache))
+    assert (m["fid_ref"], m["fid_ref_n"], m["fid_n"]) == ("digits/heldout", round(1797 * 0.2), 200)
+
+
+def test_feature_distance_to_the_fp_twins(samples):
+    """``feat_dist``/``feat_cos_dist``: 0 for identical images, growing with the noise added to
+    the FP twins; equal to torch's pairwise L2 / cosine on the classifier's features."""
+    import torch.nn.functional as F
+
+    _, _, labels = samples
+    digits = DigitsMetrics()
+    fp = to_uint8(DigitsDataset().images("heldout")[:200])
+    assert digits.feature_distance(fp, fp.clone()) == {"feat_dist": 0.0, "feat_cos_dist": 0.0}
+    g = torch.Generator().manual_seed(0)
+    x = DigitsDataset().images("heldout")[:200]
+    dists = []
+    for sigma in (0.05, 0.2, 0.6):
+        noisy = to_uint8(x + sigma * torch.randn(x.shape, generator=g))
+        dists.append(digits.feature_distance(noisy, fp))
+    assert dists[0]["feat_dist"] < dists[1]["feat_dist"] < dists[2]["feat_dist"]
+    assert dists[0]["feat_cos_dist"] < dists[1]["feat_cos_dist"] < dists[2]["feat_cos_dist"] < 2
+    with torch.no_grad():
+        a = digits.extractor(noisy).double()
+        b = digits.extractor(fp).double()
+    # float64 on the same features: only the summation order differs (1e-9 is far above it)
+    assert dists[2]["feat_dist"] == pytest.approx(
+        float(F.pairwise_distance(a, b, eps=0).mean()), rel=1e-9)
+    assert dists[2]["feat_cos_dist"] == pytest.approx(
+        float((1 - F.cosine_similarity(a, b, dim=1)).mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="same seeds"):
+        digits.feature_distance(fp, fp[:3])
 
 
 def test_digits_metrics_check_fails_early(tmp_path):
@@ -175,7 +224,9 @@ def _fid_ctx(images, fp_images):
 def test_fidelity_identical_images():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
-    assert PairedFidelity()(_fid_ctx(x, x.clone())) == {"mse": 0.0, "psnr": math.inf}
+    m = PairedFidelity()(_fid_ctx(x, x.clone()))
+    assert m == {"mse": 0.0, "psnr": PSNR_IDENTICAL} and float(m["psnr"]) == math.inf
+    assert psnr_from_mse(0.0) == math.inf  # the number; "inf" is how results.json holds it
 
 
 def test_fidelity_degrades_with_noise():
@@ -214,7 +265,7 @@ def test_a_new_metric_slots_in_by_config(make_cfg):
                    "+metrics.items.mean={_target_: tests.test_metrics_interface.MeanBrightness}")
     suite = build_metrics(cfg.metrics)
     x = torch.full((2, 1, 4, 4), 51, dtype=torch.uint8)
-    assert suite(_fid_ctx(x, x)) == {"mse": 0.0, "psnr": math.inf, "brightness": 0.2}
+    assert suite(_fid_ctx(x, x)) == {"mse": 0.0, "psnr": "inf", "brightness": 0.2}
 
 
 class MeanBrightness(Metric):

@@ -1,10 +1,19 @@
 """Metrics: one interface (:class:`Metric` called with :class:`MetricInputs`), a suite built from
-the ``metrics`` config group, FID/KID/IS/conditional accuracy in the digits feature space, and
-paired fidelity to the FP model."""
+the ``metrics`` config group, FID/KID/IS/conditional accuracy and feature distances in the digits
+feature space, paired fidelity to the FP model, and the ε error on held-out FP trajectories."""
 
 from lowbit.metrics.base import Metric, MetricInputs, MetricSuite, build_metrics
 from lowbit.metrics.digits import DigitsFeatureExtractor, DigitsMetrics
-from lowbit.metrics.fidelity import PairedFidelity, paired_mse, psnr_from_mse
+from lowbit.metrics.fidelity import (
+    PSNR_IDENTICAL,
+    EpsError,
+    PairedFidelity,
+    eps_error_by_step,
+    eps_mse,
+    paired_mse,
+    psnr_from_mse,
+)
 
-__all__ = ["DigitsFeatureExtractor", "DigitsMetrics", "Metric", "MetricInputs", "MetricSuite",
-           "PairedFidelity", "build_metrics", "paired_mse", "psnr_from_mse"]
+__all__ = ["PSNR_IDENTICAL", "DigitsFeatureExtractor", "DigitsMetrics", "EpsError", "Metric",
+           "MetricInputs", "MetricSuite", "PairedFidelity", "build_metrics", "eps_error_by_step",
+           "eps_mse", "paired_mse", "psnr_from_mse"]

@@ -1,7 +1,8 @@
 """The interface every metric shares, and the suite that a ``metrics`` config builds.
 
 A metric is built by Hydra from its config (``_target_`` + keys) and called once per run with a
-:class:`MetricInputs`; it returns a flat ``{name: float}``. A ``metrics`` config is a
+:class:`MetricInputs`; it returns a flat ``{name: value}``: a float, or a string where a number
+cannot say it (``psnr: "inf"`` of identical images, the name of FID's reference set). A ``metrics`` config is a
 :class:`MetricSuite` whose ``items`` are metrics (each with its own ``_target_``), so a new metric
 (Inception FID/sFID/IS, CLIP score, precision/recall) slots in as one more item::
 
@@ -28,7 +29,11 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from lowbit.data.datasets import Dataset
+    from lowbit.models.adapter import Denoiser
+    from lowbit.sampling import SamplerConfig
 
 
 @dataclass
@@ -48,6 +53,12 @@ class MetricInputs:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: the FP model's samples on the same seeds and conditions (uint8, like ``images``), or None
     fp_images: Tensor | None = None
+    #: the FP model (its ``net`` is the teacher), the run's network (the teacher itself in an FP
+    #: run), its sampler and seed: what metrics on the networks rather than the samples read
+    model: Denoiser | None = None
+    student: nn.Module | None = None
+    sampler: SamplerConfig | None = None
+    seed: int = 0
     _reference: Path | None = field(default=None, repr=False)
 
     @property
@@ -76,9 +87,11 @@ class Metric(ABC):
     #: True when the metric needs ``MetricInputs.fp_images`` (the FP model sampled on the same
     #: seeds), so the pipeline knows to produce them
     needs_fp_images: bool = False
+    #: True when the metric reads the networks (``MetricInputs.model``, ``.student``, ``.sampler``)
+    needs_models: bool = False
 
     @abstractmethod
-    def __call__(self, ctx: MetricInputs) -> dict[str, float]:
+    def __call__(self, ctx: MetricInputs) -> dict[str, float | str]:
         ...
 
     def check(self, dataset: Dataset | None = None, key: str = "metrics") -> None:
@@ -106,17 +119,26 @@ class MetricSuite(Metric):
     def needs_fp_images(self) -> bool:  # type: ignore[override]
         return any(m.needs_fp_images for m in self.items.values())
 
+    @property
+    def needs_models(self) -> bool:  # type: ignore[override]
+        return any(m.needs_models for m in self.items.values())
+
     def check(self, dataset: Dataset | None = None, key: str = "metrics") -> None:
         for k, m in self.items.items():
             m.check(dataset, f"{key}.items.{k}")
 
-    def __call__(self, ctx: MetricInputs) -> dict[str, float]:
+    def __call__(self, ctx: MetricInputs) -> dict[str, float | str]:
         if ctx.fp_images is None:  # fail before the first metric spends its time
             missing = [k for k, m in self.items.items() if m.needs_fp_images]
             if missing:
                 raise ValueError(f"metrics.items.{missing[0]} needs the FP model's samples on the "
                                  f"same seeds (MetricInputs.fp_images)")
-        out: dict[str, float] = {}
+        if ctx.model is None or ctx.student is None or ctx.sampler is None:
+            missing = [k for k, m in self.items.items() if m.needs_models]
+            if missing:
+                raise ValueError(f"metrics.items.{missing[0]} needs the networks: give "
+                                 f"MetricInputs the FP model, the student and the sampler")
+        out: dict[str, float | str] = {}
         for k, m in self.items.items():
             for name, value in m(ctx).items():
                 if name in out:

@@ -1,10 +1,14 @@
 """Digits metrics: FID and KID in the digit classifier's feature space, conditional accuracy, an
-IS analogue, and (with the FP model's samples) how often a sample's class agrees with the FP one's.
+IS analogue, and (with the FP model's samples) how often a sample's class agrees with the FP one's
+and how far each sample's features lie from its FP twin's.
 
 FID goes through clean-fid (``custom_feat_extractor``) on PNG folders, so generated and reference
 images are read the same way; the classifier's penultimate layer (64-d) is the feature space.
 KID is clean-fid's ``kernel_distance`` on the same features (its random subsets drawn from a
-seeded state, so a run's KID is reproducible).
+seeded state, so a run's KID is reproducible). Both are recorded with what they were measured
+against: ``fid_ref`` (the reference set: ``<dataset>/<split>``, or the statistics file's name),
+``fid_ref_n`` (reference images) and ``fid_n`` (generated samples) — FID and KID depend on both
+sizes, so numbers of different N are not comparable.
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ def _keep_size(img: np.ndarray) -> np.ndarray:
 
 
 class DigitsMetrics(Metric):
-    """``fid``, ``kid``, ``cond_acc`` and ``is`` of generated digits, plus ``cond_agreement``
-    when the FP model's samples on the same seeds are given (``metrics.items.digits``).
+    """``fid``, ``kid``, ``cond_acc`` and ``is`` of generated digits, with what FID/KID were
+    measured against (``fid_ref``, ``fid_ref_n``, ``fid_n``), plus ``cond_agreement``,
+    ``feat_dist`` and ``feat_cos_dist`` when the FP model's samples on the same seeds are given
+    (``metrics.items.digits``).
 
     classifier_checkpoint: the digit classifier (null = the one shipped in lowbit/assets);
     batch_size: images per feature batch; kid: report KID (``kid_subsets`` random subsets of at
@@ -201,23 +207,61 @@ class DigitsMetrics(Metric):
             metric.update(rgb)
             return float(metric.compute()[0])
 
-    def __call__(self, ctx: MetricInputs) -> dict[str, float]:
+    @torch.no_grad()
+    def features(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """The classifier's 64-d features of uint8 images (on the CPU, in batches)."""
+        extractor = self.extractor.to("cpu")
+        images_u8 = images_u8.cpu()
+        return torch.cat([extractor(images_u8[i : i + self.batch_size])
+                          for i in range(0, len(images_u8), self.batch_size)])
+
+    def feature_distance(self, images_u8: torch.Tensor, fp_images_u8: torch.Tensor
+                         ) -> dict[str, float]:
+        """How far each sample lies from its FP twin (same seed and condition) in the
+        classifier's feature space — the digits analogue of LPIPS: ``feat_dist``, the mean over
+        pairs of the L2 distance of the 64-d features, and ``feat_cos_dist``, the mean of
+        1 − cosine similarity (scale-free, in [0, 2]). Both are 0 for identical images."""
+        _check_paired(images_u8, fp_images_u8)
+        a, b = self.features(images_u8).double(), self.features(fp_images_u8).double()
+        # 1 − cos(a, b) = ½‖a/‖a‖ − b/‖b‖‖²: exactly 0 for identical features, never negative
+        cos_dist = 0.5 * torch.linalg.vector_norm(F.normalize(a, dim=1) - F.normalize(b, dim=1),
+                                                  dim=1) ** 2
+        return {"feat_dist": float(torch.linalg.vector_norm(a - b, dim=1).mean()),
+                "feat_cos_dist": float(cos_dist.mean())}
+
+    @staticmethod
+    def reference_label(ctx: MetricInputs) -> str:
+        """What FID/KID were measured against: ``<dataset>/<reference split>``, or the file name
+        of the dataset's reference statistics."""
+        ds = ctx.dataset
+        if ds is None:
+            return ctx.reference().name
+        if getattr(ds, "reference_stats", None):
+            return f"{ds.name}/stats:{Path(ds.reference_stats).name}"
+        return f"{ds.name}/{ds.reference_split}"
+
+    def __call__(self, ctx: MetricInputs) -> dict[str, float | str]:
         labels = ctx.labels
         if labels is None:
             raise ValueError("the digits metrics need the class labels the samples were drawn "
                              "with (MetricInputs.conditions)")
         feats = self.folder_features(ctx.sample_dir, ctx.device)
         ref = self.reference_features(ctx.reference(), ctx.device)
-        out = {"fid": self._fid(feats, ref)}
+        out: dict[str, float | str] = {"fid": self._fid(feats, ref)}
         if self.kid:
             if "feats" not in ref:
                 raise ValueError(f"KID needs reference features: {ctx.reference()} holds only "
                                  f"mu/sigma; add 'feats' or set kid=false")
             out["kid"] = self.kernel_distance(feats, ref["feats"])
+        out["fid_ref"] = self.reference_label(ctx)
+        if "feats" in ref:  # a mu/sigma file does not say how many images made it
+            out["fid_ref_n"] = len(ref["feats"])
+        out["fid_n"] = len(feats)
         out["cond_acc"] = self.cond_accuracy(ctx.images, labels)
         out["is"] = self.inception_score(ctx.images)
         if ctx.fp_images is not None:
             out["cond_agreement"] = self.cond_agreement(ctx.images, ctx.fp_images)
+            out.update(self.feature_distance(ctx.images, ctx.fp_images))
         return out
 
 
