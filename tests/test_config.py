@@ -24,13 +24,22 @@ def _valid_pair(group: str, option: str) -> list[str]:
             OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml"), "path"):
         return ["model.path=google/ddpm-cifar10-32"]  # a hub id: composing downloads nothing
     if group == "method":
-        supported = yaml.safe_load((CONF_DIR / "method" / f"{option}.yaml").read_text())["supported_bits"]
-        return [f"bits={supported[0]}"]
+        return [f"bits={_supported_bits(option)[0]}"]
     if group == "bits" and option != "fp":
         for m in _options("method"):
-            if option in yaml.safe_load((CONF_DIR / "method" / f"{m}.yaml").read_text())["supported_bits"]:
+            if option in _supported_bits(m):
                 return [f"method={m}"]
     return []
+
+
+def _supported_bits(method: str) -> list:
+    """A method's supported_bits, following its defaults list (qdiffusion extends ptq)."""
+    spec = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
+    if "supported_bits" in spec:
+        return spec["supported_bits"]
+    parents = [d for d in spec.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    assert parents, f"method/{method}.yaml has no supported_bits and no parent config"
+    return _supported_bits(parents[0])
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
