@@ -248,7 +248,7 @@ def _bake_hard_rounding(unit: nn.Module, rounders: list[tuple[UniformQuantizer, 
     for q, _ in rounders:
         q.set_rounding(None)
     for layer, w in zip(layers, new_weights, strict=True):
-        layer.weight.data.copy_(w.to(layer.weight.dtype))
+        layer.weight.copy_(w.to(layer.weight.dtype))  # no_grad: bumps _version
 
 
 def _eval_loss(unit: nn.Module, data: list[_Captured], targets: list[Tensor],

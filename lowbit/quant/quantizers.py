@@ -216,6 +216,7 @@ class UniformQuantizer(nn.Module):
         self.observer: Callable[[UniformQuantizer, Tensor], None] | None = None
         self.note = ""  # e.g. why group granularity fell back to channel
         self._rounding: Callable[[Tensor], Tensor] | None = None
+        self._rounding_changes = 0  # part of a layer's weight-cache stamp (see set_rounding)
         self._ready = False
         kind, group = parse_granularity("granularity", spec.granularity)
         if kind == "group":
@@ -298,8 +299,12 @@ class UniformQuantizer(nn.Module):
             p.requires_grad_(scale if zero_point is None else zero_point)
 
     def set_rounding(self, rounding: Callable[[Tensor], Tensor] | None) -> None:
-        """Replace round() for ``x/Δ`` (AdaRound); ``None`` restores round-half-to-even."""
+        """Replace round() for ``x/Δ`` (AdaRound); ``None`` restores round-half-to-even.
+
+        Counted in ``_rounding_changes``: a quantized weight cached before a custom rounding was
+        set is not reused after it is removed (the weight may have been rewritten meanwhile)."""
         object.__setattr__(self, "_rounding", rounding)
+        self._rounding_changes += 1
 
     def extra_repr(self) -> str:
         if self.passthrough:
@@ -345,7 +350,8 @@ class UniformQuantizer(nn.Module):
         cur = getattr(self, name)
         value = value.to(device=cur.device, dtype=cur.dtype)
         if value.shape == cur.shape:
-            cur.data.copy_(value)
+            with torch.no_grad():  # in place on the tensor itself: its _version counts the change
+                cur.copy_(value)
         elif isinstance(cur, nn.Parameter):
             setattr(self, name, nn.Parameter(value.clone(), requires_grad=cur.requires_grad))
         else:
