@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +38,7 @@ from lowbit.train import (
     qat_groups,
     wandb_run_id,
 )
+from lowbit.train.fit import stored_seconds
 from lowbit.train.losses import DiffusionLoss
 
 SAMPLER = SamplerConfig(kind="ddim", steps=5, guidance_scale=2.0, batch_size=64)
@@ -64,23 +66,36 @@ def _stop_at(step: int) -> L.Callback:
 
 def _assert_resume_exact(run, tmp_path: Path, steps: int = 5, stop: int = 3) -> None:
     """``run(ckpt_dir, resume, callbacks) -> (student, stats)``: fit ``steps`` uninterrupted vs.
-    stop after ``stop`` steps (last checkpoint at an epoch end before it), resume to ``steps``."""
+    stop after ``stop`` steps (last checkpoint at an epoch end before it), resume to ``steps``.
+    The resumed fit's ``seconds`` are the interrupted attempt's checkpointed seconds plus its
+    own."""
     full, stats = run(tmp_path / "a", False, [])
     assert (tmp_path / "a" / "last.ckpt").is_file() and stats.steps == steps
+    assert stats.start_step == 0 and stats.seconds_before == 0.0 and stats.seconds > 0
+    t0 = time.perf_counter()
     with pytest.raises(Interrupt):
         run(tmp_path / "b", False, [_stop_at(stop)])
+    wall_interrupted = time.perf_counter() - t0
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert 0 < saved["global_step"] < stop
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])  # teacher kept out
+    before = stored_seconds(saved)
+    assert 0 < before < wall_interrupted  # the interrupted attempt's time up to its checkpoint
+    t0 = time.perf_counter()
     resumed, rstats = run(tmp_path / "b", True, [])
-    assert rstats.resumed
+    wall_resumed = time.perf_counter() - t0
+    assert rstats.resumed and rstats.start_step == saved["global_step"]
+    # the sum of both parts: what the checkpoint held + this attempt's time (within its call)
+    assert rstats.seconds_before == before
+    assert 0 < rstats.seconds - before < wall_resumed
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # a finished run is loaded, not trained again
+    # a finished run is loaded, not trained again; its time is the one stored with it
     again, astats = run(tmp_path / "b", True, [])
-    assert astats.seconds == 0.0
+    assert astats.start_step == steps and astats.loss_first is None
+    assert astats.seconds == rstats.seconds
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in a.items())
 
 

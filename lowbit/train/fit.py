@@ -27,7 +27,14 @@ TRAIN_LOG_DIR = "train_logs"
 
 @dataclass
 class FitStats:
-    """What one :func:`fit_module` did (JSON-able via ``to_dict``)."""
+    """What one :func:`fit_module` did (JSON-able via ``to_dict``).
+
+    ``seconds``: the fit's training wall time over every attempt that made it — the seconds that
+    earlier, interrupted attempts had stored in the checkpoint it resumed from
+    (``seconds_before``) plus this attempt's; for a finished fit that is only loaded, the time
+    stored with it. Time an interrupted attempt spent after its last checkpoint is redone, and
+    counted, by the attempt that resumes. ``start_step``: the step this attempt started at (0
+    fresh, the checkpoint's step when resumed, ``steps`` when a finished fit was loaded)."""
 
     steps: int
     seconds: float
@@ -36,6 +43,8 @@ class FitStats:
     loss_first: float | None = None
     loss_last: float | None = None
     groups: dict[str, int] = field(default_factory=dict)
+    seconds_before: float = 0.0
+    start_step: int = 0
 
     @property
     def resumed(self) -> bool:
@@ -47,10 +56,52 @@ class FitStats:
 
 class LastCheckpoint(L.Callback):
     """Writes ``<dirpath>/last.ckpt`` (model, optimiser, scheduler, loop state) at every epoch
-    end — every ``checkpoint_every`` steps — atomically (temporary file + rename)."""
+    end — every ``checkpoint_every`` steps — atomically (temporary file + rename).
 
-    def __init__(self, dirpath: Path) -> None:
+    It also keeps the fit's training clock: its state in the checkpoint (``callbacks`` →
+    :attr:`STATE_KEY`) is the training wall time up to that save, summed over the attempts
+    before it, so a resumed fit reports the time of the whole fit. The clock runs from
+    ``started`` (a ``time.perf_counter()`` value; default: when the fit starts) until
+    :meth:`stop`; ``start_step`` is the step this attempt started training at."""
+
+    STATE_KEY = "LastCheckpoint"
+
+    def __init__(self, dirpath: Path, started: float | None = None) -> None:
         self.path = Path(dirpath) / CKPT_NAME
+        self.started = started
+        self.stopped: float | None = None
+        self.seconds_before = 0.0  # from the checkpoint a resumed fit starts from
+        self.start_step = 0  # the step this attempt starts at (after a restore)
+
+    @property
+    def state_key(self) -> str:
+        return self.STATE_KEY
+
+    @property
+    def seconds(self) -> float:
+        """Training wall time of the fit so far, earlier attempts included."""
+        if self.started is None:
+            return self.seconds_before
+        end = self.stopped if self.stopped is not None else time.perf_counter()
+        return self.seconds_before + end - self.started
+
+    def stop(self) -> None:
+        """Freeze the clock (the fit is done): later saves store, and :attr:`seconds` returns,
+        the time at this call."""
+        self.stopped = time.perf_counter()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = int(trainer.global_step)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds_before = float(state_dict["seconds"])
 
     def save(self, trainer: L.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +111,12 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
+
+
+def stored_seconds(state: dict[str, Any]) -> float:
+    """The training seconds a loaded checkpoint holds (0 for one written without the clock)."""
+    entry = (state.get("callbacks") or {}).get(LastCheckpoint.STATE_KEY) or {}
+    return float(entry.get("seconds", 0.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,12 +165,13 @@ def run_name(cfg: Any) -> str:
 # ------------------------------------------------------------------------------------------------
 def build_trainer(trainer_cfg: Any, ckpt_dir: Path, max_steps: int,
                   loggers: Sequence[Any] | bool = False, callbacks: Sequence[L.Callback] = (),
-                  **overrides: Any) -> L.Trainer:
+                  started: float | None = None, **overrides: Any) -> L.Trainer:
     """A ``lightning.Trainer`` from the ``trainer`` config group with the training settings:
-    ``max_steps``, ``last.ckpt`` in ``ckpt_dir`` at every epoch end, no validation."""
+    ``max_steps``, ``last.ckpt`` in ``ckpt_dir`` at every epoch end (:class:`LastCheckpoint`,
+    its training clock started at ``started``), no validation."""
     kw: dict[str, Any] = dict(
         max_steps=int(max_steps), max_epochs=-1,
-        callbacks=[LastCheckpoint(ckpt_dir), *callbacks],
+        callbacks=[LastCheckpoint(ckpt_dir, started), *callbacks],
         logger=list(loggers) if loggers else False,
         default_root_dir=str(ckpt_dir), num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False, enable_checkpointing=False,
@@ -122,13 +180,14 @@ def build_trainer(trainer_cfg: Any, ckpt_dir: Path, max_steps: int,
     return instantiate(trainer_cfg, **kw)
 
 
-def _load_finished(module: StudentModule, path: Path, max_steps: int) -> bool:
-    """Load ``path`` into ``module`` if it is the checkpoint of a finished fit."""
+def _load_finished(module: StudentModule, path: Path, max_steps: int) -> float | None:
+    """Load ``path`` into ``module`` if it is the checkpoint of a finished fit; returns the
+    training seconds stored with it (``None``: not finished, nothing loaded)."""
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if int(state.get("global_step", -1)) < max_steps:
-        return False
+        return None
     module.load_state_dict(state["state_dict"])
-    return True
+    return stored_seconds(state)
 
 
 def fit_module(module: StudentModule, data: StepDataModule, trainer_cfg: Any, ckpt_dir: Path,
@@ -138,29 +197,35 @@ def fit_module(module: StudentModule, data: StepDataModule, trainer_cfg: Any, ck
     """Train ``module`` for ``max_steps`` optimiser steps on ``data``; ``<ckpt_dir>/last.ckpt``
     is written every ``checkpoint_every`` steps and at the end. ``resume``: continue from that
     file if it is there (a finished fit is loaded, not re-run)."""
+    t0 = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / CKPT_NAME
     resume_from = str(last) if resume and last.is_file() else None
     groups = {g.name: g.numel for g in module.groups}
     if max_steps <= 0:
         return FitStats(0, 0.0, module.trainable_params, groups=groups)
-    t0 = time.perf_counter()
-    if resume_from and _load_finished(module, last, max_steps):
-        log.info("fit already finished in %s: loaded", last)
-        module.apply_trainable()
-        return FitStats(max_steps, 0.0, module.trainable_params, resume_from, groups=groups)
+    if resume_from:
+        finished = _load_finished(module, last, max_steps)
+        if finished is not None:
+            log.info("fit already finished in %s: loaded", last)
+            module.apply_trainable()
+            return FitStats(max_steps, finished, module.trainable_params, resume_from,
+                            groups=groups, seconds_before=finished, start_step=max_steps)
     data.epoch_steps, data.max_steps = int(checkpoint_every), int(max_steps)
-    trainer = build_trainer(trainer_cfg, ckpt_dir, max_steps, loggers, callbacks,
+    trainer = build_trainer(trainer_cfg, ckpt_dir, max_steps, loggers, callbacks, started=t0,
                             **trainer_overrides)
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
     if trainer.global_step < max_steps:
         raise RuntimeError(f"fit stopped at step {trainer.global_step} of {max_steps}")
+    clock = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    clock.stop()
     LastCheckpoint(ckpt_dir).save(trainer)  # the finished state, whatever the epoch ends
     hist = module.loss_history
-    return FitStats(max_steps, time.perf_counter() - t0, module.trainable_params, resume_from,
-                    hist[0] if hist else None, hist[-1] if hist else None, groups)
+    return FitStats(max_steps, clock.seconds, module.trainable_params, resume_from,
+                    hist[0] if hist else None, hist[-1] if hist else None, groups,
+                    clock.seconds_before, clock.start_step)
 
 
 def fit(module: StudentModule, data: StepDataModule, ctx: Any, *, max_steps: int,
