@@ -19,6 +19,7 @@ from lowbit.methods.efficientdm import (
     has_qalora,
     mean_weight_step,
     merge_lora_,
+    talsq_buckets_,
 )
 from lowbit.methods.ptq import calibration_set, quant_config, sampler_config
 from lowbit.metrics.fidelity import eps_error_by_step
@@ -135,6 +136,55 @@ def test_talsq_interpolation_matches_at_shared_steps(ptq_student):
     s, _ = q.current_qparams()
     i = int((q.timesteps == lo).nonzero())
     assert torch.allclose(s, (q.scale[i] + q.scale[i + 1]) / 2)
+
+
+def test_talsq_keeps_one_step_per_training_step(ptq_student):
+    """TALSQ with more training steps (20) than calibration buckets (10): after
+    ``talsq_buckets_`` every quantizer has one Δ per training timestep, equal to the calibrated
+    Δ at the shared timesteps, and a training step at one timestep moves only its own Δ
+    (before, it trained the two neighbouring calibration buckets through the interpolation)."""
+    _, loaded, _, base = ptq_student
+    s = copy.deepcopy(base)
+    calib_t = set(build_scheduler(loaded.noise_schedule, "ddim", 10).timesteps.tolist())
+    train_t = build_scheduler(loaded.noise_schedule, "ddim", 20).timesteps.tolist()
+    qs = [m for m in s.modules() if isinstance(m, TimestepActQuantizer) and m.num_buckets > 1]
+    old = {id(q): (q.timesteps.clone(), q.scale.detach().clone()) for q in qs}
+    assert talsq_buckets_(s, train_t) == len(qs) > 0
+    for q in qs:
+        assert q.timesteps.tolist() == sorted(train_t)
+        ts, sc = old[id(q)]
+        for t in calib_t & set(train_t):
+            assert torch.equal(q.scale[q.timesteps.tolist().index(t)], sc[ts.tolist().index(t)])
+    q = qs[0]
+    q.scale.requires_grad_(True)  # TALSQ trains it
+    t = sorted(train_t)[5]
+    assert t not in calib_t  # a training step between two calibration steps
+    q.set_timestep(t)
+    c = q.tensor_shape[0]
+    x = torch.randn(4, c, 3, 3) if q.channel_axis == 1 else torch.randn(4, c)
+    q(x).pow(2).sum().backward()
+    moved = (q.scale.grad.reshape(q.num_buckets, -1).abs().sum(1) > 0).nonzero().flatten()
+    assert moved.tolist() == [5]
+
+
+def test_efficientdm_keeps_skip_and_downsample_convs_fp_by_default():
+    """EfficientDM's reference code keeps the residual 1×1 skip convs and the downsample convs
+    FP (METHODS.md); method.bits_rules.skip_fp=false quantizes them."""
+    from lowbit.cli import compose_config
+    from lowbit.quant import QuantConfig, quantize_
+
+    for method in ("efficientdm", "qat"):
+        qcfg = quant_config(compose_config([f"method={method}", "bits=w4a4"]))
+        assert qcfg.skip_fp
+    unet = copy.deepcopy(load_digits_model().net)
+    report = quantize_(unet, quant_config(compose_config(["method=efficientdm", "bits=w4a4"])))
+    skip = [n for n, m in unet.named_modules() if n.endswith("conv_shortcut")
+            or ".downsamplers." in n and isinstance(m, torch.nn.Conv2d)]
+    assert skip and all(type(unet.get_submodule(n)) is torch.nn.Conv2d for n in skip)
+    assert report is not None
+    off = quant_config(compose_config(["method=efficientdm", "bits=w4a4",
+                                       "method.bits_rules.skip_fp=false"]))
+    assert isinstance(off, QuantConfig) and not off.skip_fp
 
 
 def test_ablation_keys_change_what_trains(ptq_student):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.methods.base import Method, MethodContext
 from lowbit.methods.ptq import (
@@ -37,8 +37,9 @@ from lowbit.methods.ptq import (
     quant_config,
     sampler_config,
 )
-from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin
+from lowbit.quant import QuantConv2d, QuantLinear, QuantModuleMixin, TimestepActQuantizer
 from lowbit.quant.lora import LoRAWeights
+from lowbit.sampling import build_scheduler
 from lowbit.train import (
     FPTrajectoryData,
     FPTrajectoryStream,
@@ -57,7 +58,7 @@ from lowbit.train.hparams import HParamError, TrainParams
 log = logging.getLogger(__name__)
 
 __all__ = ["EfficientDM", "EfficientDMParams", "LoRAWeights", "add_lora_", "has_qalora",
-           "mean_weight_step", "merge_lora_"]
+           "mean_weight_step", "merge_lora_", "talsq_buckets_"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +102,35 @@ def merge_lora_(model: nn.Module) -> int:
             m.weight.copy_(m.effective_weight())
             m.set_adapter(None)
             n += 1
+    return n
+
+
+@torch.no_grad()
+def talsq_buckets_(model: nn.Module, timesteps: Sequence[int] | Tensor) -> int:
+    """TALSQ: one activation Δ (and zero point) per *training* timestep. Every timestep-aware
+    quantizer of ``model`` gets a bucket at each of ``timesteps``, initialised with its current
+    (calibrated) Δ at that timestep — equal where the calibration kept the step, interpolated
+    between the neighbouring calibration steps (``interp``) elsewhere. Without it, a schedule with
+    more steps than ``calib_steps`` would share one learnt Δ among several training steps.
+    Returns the number of quantizers re-bucketed."""
+    ts = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).unique()
+    n = 0
+    for q in model.modules():
+        if not isinstance(q, TimestepActQuantizer) or q.num_buckets == 0:
+            continue
+        if q.num_buckets == ts.numel() and torch.equal(q.timesteps.cpu(), ts):
+            continue
+        before = q.timestep
+        scales, zps = [], []
+        for t in ts:
+            q.set_timestep(t)
+            sc, zp = q.current_qparams()
+            scales.append(sc.detach().clone())
+            zps.append(None if zp is None else zp.detach().clone())
+        zp = None if zps[0] is None else torch.stack(zps)
+        q.set_qparams(torch.stack(scales), zp, timesteps=ts)
+        q.set_timestep(before)
+        n += 1
     return n
 
 
@@ -217,6 +247,11 @@ class EfficientDM(Method):
                                       max_samples=p.max_samples)
         ctx.cost["calib_s"] = info.calib_s
         ctx.report.update(info.report())
+        if p.talsq:  # one Δ per training step, also when calib_steps keeps fewer
+            train_t = build_scheduler(ctx.model.noise_schedule, train_sampler.kind,
+                                      train_sampler.steps).timesteps
+            ctx.report["talsq_buckets"] = len(set(train_t.tolist()))
+            talsq_buckets_(student, train_t)
 
         with torch.random.fork_rng(devices=[]):  # LoRA A init from its own stream
             torch.manual_seed(derive_seed(seed, f"{self.name}/lora_init"))
