@@ -151,9 +151,10 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     feature_cache = build_cache(cfg.get("cache"))
     if feature_cache is not None:
         feature_cache.check(teacher)  # e.g. a DiT: refused before any compute
+    method = build_method(cfg.method)
+    method.check_model(model)  # a method not defined for this family: refused before any compute
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
                         model=model, dataset=dataset)
-    method = build_method(cfg.method)
     student = method.prepare(teacher, ctx).to(device).eval()
     if student is not teacher:
         # weights + quantization map (reload without the method), with the attempt's fingerprint

@@ -60,8 +60,36 @@ def test_tbs_layers_have_thresholds_scaling_and_shortcut(setup):
     assert conv.scaling.filter.shape == (1, 1, 3, 3) and conv.scaling.filter.requires_grad
     torch.testing.assert_close(conv.scaling.filter.detach(), torch.full((1, 1, 3, 3), 1 / 9))
     torch.testing.assert_close(conv.shortcut.scale.detach(), torch.full((64,), 0.3))
+    # α = mean|W| detached (BiDM), not XNOR-Net's gradient through α
+    assert conv.weight_quantizer.detach and not conv.weight_quantizer.learnable
+    # channels differ (32 → 64): the shortcut is a real learned 1×1 conv (BiDM), by default
+    proj = student.get_submodule("down_blocks.1.resnets.0.conv1").shortcut.proj
+    assert isinstance(proj, torch.nn.Conv2d) and proj.kernel_size == (1, 1)
+    assert proj.weight.requires_grad
     xnor = BiDM(compose_config(["method=bidm", "method.tbs=false"]).method).binary_spec()
     assert (xnor.act, xnor.scaling, xnor.shortcut) == ("sign", "none", "none")
+
+
+def test_shortcut_scale_is_its_magnitude(setup):
+    """BiDM's shortcut adds |s| ⊙ P(x): a negative s scales the shortcut like its magnitude."""
+    _, _, student = setup
+    conv = copy.deepcopy(student.get_submodule("down_blocks.1.resnets.0.conv1"))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        y_pos = conv(x)
+        conv.shortcut.scale.neg_()
+        torch.testing.assert_close(conv(x), y_pos)
+
+
+def test_weight_scale_alpha_is_detached(setup):
+    """α = mean|W| is a constant for the backward pass: the weight's gradient is exactly the
+    clipped STE times α (XNOR-Net's extra term through α is absent)."""
+    _, _, student = setup
+    q = student.get_submodule("down_blocks.1.resnets.0.conv1").weight_quantizer
+    w = (torch.randn(6, 4, 3, 3) * 0.5).requires_grad_(True)
+    q(w).sum().backward()
+    alpha = w.detach().abs().reshape(6, -1).mean(1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(w.grad, alpha * (w.detach().abs() <= 1).float())
 
 
 def test_cross_timestep_changes_outputs_only_where_enabled(setup):
@@ -133,6 +161,39 @@ def test_sampling_with_cross_timestep_under_ddim_at_another_step_count(setup):
         w.disable()
     c = sample_many(den, cfg, labels, 10, seed=3, progress=False)
     assert not torch.allclose(a, c)
+
+
+def test_plms_repeated_timestep_keeps_the_trajectory(setup):
+    """PLMS evaluates its second timestep twice (diffusers' PNDM with skip_prk_steps). Both calls
+    blend in the features of the step before (the first timestep's), and the carried features
+    never reset mid-trajectory: every call but the first blends."""
+    loaded, _, student = setup
+    s = copy.deepcopy(student)
+    wrappers = attach_cross_timestep(s, 2)
+    w = wrappers[-1]
+    calls: list[tuple[int, torch.Tensor | None]] = []
+    orig = w.forward
+
+    def spy(*args, **kwargs):
+        src = w._source
+        blended = src is not None and w._last is not None and bool((src > 0).any())
+        prev = None
+        if blended:
+            prev = w._before.clone() if int(src[0]) == 2 else w._last.clone()
+        out = orig(*args, **kwargs)
+        calls.append((int(w._t[0]), prev, w._last.clone()))
+        return out
+
+    w.forward = spy
+    cfg = SamplerConfig(kind="plms", steps=5, guidance_scale=2.0, batch_size=10)
+    a = sample_many(loaded.with_net(s), cfg, torch.arange(10), 10, seed=3, progress=False)
+    assert torch.isfinite(a).all()
+    ts = [t for t, _, _ in calls]
+    assert len(ts) == 6 and ts[1] == ts[2] and ts[0] > ts[1]  # PLMS: t0, t1, t1, t2, …
+    assert calls[0][1] is None and all(prev is not None for _, prev, _ in calls[1:])
+    torch.testing.assert_close(calls[1][1], calls[0][2])  # t1 (1st): the t0 features
+    torch.testing.assert_close(calls[2][1], calls[0][2])  # t1 (2nd): still the t0 features
+    torch.testing.assert_close(calls[3][1], calls[2][2])  # t2: the latest t1 features
 
 
 def test_spd_maps_are_normalised_patch_grams():

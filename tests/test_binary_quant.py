@@ -186,3 +186,36 @@ def test_binary_spec_rejects_unknown_kinds():
         BinarySpec(weight="ternary")
     with pytest.raises(ValueError, match="shortcut"):
         BinarySpec(shortcut="dense")
+
+
+def test_xnor_baseline_scales_binary_activations_by_k():
+    """method=binary_baseline variant=xnor at A1 is XNOR-Net: ``conv(sign x, α sign w) ⊙ K`` with
+    ``K = mean_c|x| ∗ (1/k²)`` (a fixed box filter, no parameter); at A4 activations keep the
+    bits' quantizer and no K; ReAct keeps only its thresholds."""
+    from lowbit.cli import compose_config
+    from lowbit.methods.binary_baseline import BinaryBaseline
+
+    def spec(*ov, act_bits):
+        return BinaryBaseline(compose_config(["method=binary_baseline", *ov]).method).spec(act_bits)
+
+    assert spec(act_bits=1) == BinarySpec(weight="xnor", act="sign", scaling="xnor")
+    assert spec(act_bits=4).scaling == "none"
+    assert spec("method.variant=react", act_bits=1).scaling == "none"
+    _, m = _binary_tiny(spec(act_bits=1))
+    body = m.body
+    assert not list(body.scaling.parameters())  # K's filter is fixed
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        w = body.weight
+        alpha = w.abs().reshape(8, -1).mean(1).reshape(-1, 1, 1, 1)
+        xb = torch.where(x < 0, -1.0, 1.0)
+        conv = torch.nn.functional.conv2d(xb, alpha * torch.where(w < 0, -1.0, 1.0), None, 2, 1)
+        k = torch.nn.functional.conv2d(x.abs().mean(1, keepdim=True),
+                                       torch.full((1, 1, 3, 3), 1 / 9), None, 2, 1)
+        torch.testing.assert_close(body(x), conv * k + body.bias.reshape(1, -1, 1, 1))
+        xl = torch.randn(5, 8)
+        head = m.head
+        wl = head.weight
+        ref = torch.nn.functional.linear(torch.where(xl < 0, -1.0, 1.0),
+                                         wl.abs().mean(1, keepdim=True) * torch.where(wl < 0, -1.0, 1.0))
+        torch.testing.assert_close(head(xl), ref * xl.abs().mean(-1, keepdim=True) + head.bias)

@@ -5,6 +5,7 @@ A dataset answers four questions for a run:
 - :meth:`Dataset.images` — real images in ``[-1, 1]``, ``[N, C, H, W]`` float, of a split
   (``"train"``, ``"heldout"``, ``"all"``): the data of QAT-style methods and of the FID reference;
 - :meth:`Dataset.labels` — their class labels (class datasets only);
+- :meth:`Dataset.captions` — their captions (captioned image folders: text-to-image training);
 - :meth:`Dataset.conditions` — what to sample ``n`` images with: class labels spread evenly over
   ``0 … K−1``, prompts (cycled), or ``None``;
 - :meth:`Dataset.reference` — the reference set of the metrics: a PNG folder written once into the
@@ -48,6 +49,10 @@ MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
 CLEANFID_EXTENSIONS = IMAGE_EXTENSIONS | {"npy"}
 PROMPT_COLUMNS = ("caption", "prompt", "text")
+# captions of an image folder: Hugging Face ``imagefolder`` metadata (a ``file_name`` column, the
+# image's path relative to the folder, and a caption column), as .csv, .tsv or .jsonl
+CAPTION_SUFFIXES = (".csv", ".tsv", ".jsonl")
+FILE_COLUMN = "file_name"
 _MANIFEST_VERSION = 1
 
 
@@ -174,6 +179,13 @@ class Dataset(ABC):
         raise ConfigError("dataset", self.name, "this dataset has no class labels",
                           "choose a class dataset (dataset=digits, or dataset=image_folder with "
                           "one subfolder per class)")
+
+    def captions(self, split: str = "train") -> list[str]:
+        """Captions of :meth:`images` of the same split (captioned datasets only)."""
+        raise ConfigError("dataset", self.name, "this dataset has no captions",
+                          "choose a captioned image folder (dataset=image_folder "
+                          "dataset.captions=<metadata .csv/.tsv/.jsonl with file_name and "
+                          "caption columns>)")
 
     def conditions(self, n: int) -> Tensor | list[str] | None:
         """What to sample ``n`` images with: labels ``0, 1, …, K−1, 0, …`` (every class
@@ -315,16 +327,63 @@ class DigitsDataset(Dataset):
 
 # -- any folder of images -------------------------------------------------------------------------
 
+def _read_caption_rows(path: Path, column: str | None, key: str) -> list[tuple[str, str]]:
+    """``(file_name, caption)`` rows of a captions file (.csv/.tsv with a header, or .jsonl);
+    the caption column is ``column`` or the first of ``caption``, ``prompt``, ``text``."""
+    fix_file = (f"give {key} a .csv, .tsv or .jsonl file with a {FILE_COLUMN} column (the image's "
+                f"path relative to dataset.path) and a caption column")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(key, str(path), f"cannot read it as UTF-8 text ({e})", fix_file) from e
+    if path.suffix.lower() == ".jsonl":
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise ConfigError(key, str(path), f"not valid JSON lines ({e})", fix_file) from e
+        if not all(isinstance(r, dict) for r in rows):
+            raise ConfigError(key, str(path), "a line is not a JSON object", fix_file)
+        header = list(dict.fromkeys(k for r in rows for k in r))
+    else:
+        try:
+            reader = csv.DictReader(text.splitlines(),
+                                    delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+        except csv.Error as e:
+            raise ConfigError(key, str(path), f"not a valid table ({e})",
+                              "fix the file's quoting or delimiter") from e
+    lower = {h.strip().lower(): h for h in header}
+    wanted = [column] if column else list(PROMPT_COLUMNS)
+    col = next((lower[w.lower()] for w in wanted if w.lower() in lower), None)
+    if FILE_COLUMN not in lower or col is None:
+        missing = FILE_COLUMN if FILE_COLUMN not in lower else " / ".join(wanted)
+        raise ConfigError("dataset.caption_column" if column and col is None else key,
+                          column if column and col is None else str(path),
+                          f"no {missing} column (columns: {', '.join(header) or 'none'})",
+                          fix_file if FILE_COLUMN not in lower or not column else
+                          "pass dataset.caption_column=<the caption column's name>")
+    fcol = lower[FILE_COLUMN]
+    return [(str(r.get(fcol) or "").strip(), str(r.get(col) or "").strip()) for r in rows]
+
+
 class ImageFolderDataset(Dataset):
     """Every image under ``path`` (recursively), center-cropped to a square and resized to
     ``resolution`` (``dataset=image_folder``). With one subfolder per class
     (``class_subfolders: auto`` finds them when no image lies directly in ``path``), the sorted
-    subfolder names are the classes 0 … K−1 and the dataset is class-conditional."""
+    subfolder names are the classes 0 … K−1 and the dataset is class-conditional.
+
+    With ``captions`` (a Hugging Face ``imagefolder`` metadata file: ``file_name`` relative to
+    ``path`` and a ``caption``/``prompt``/``text`` column, as .csv, .tsv or .jsonl; a relative
+    ``captions`` path is read from ``path``) every image carries its caption and the dataset is
+    text-conditional: real-image training of a text-to-image model conditions on the captions,
+    and sampling uses the captions of ``reference_split``."""
 
     def __init__(self, path: str | None = None, resolution: int = 64, name: str = "image_folder",
                  channels: int = 3, class_subfolders: bool | str = "auto",
                  heldout_fraction: float = 0.2, split_seed: int = 0, limit: int | None = None,
-                 reference_split: str = "all", reference_stats: str | None = None) -> None:
+                 reference_split: str = "all", reference_stats: str | None = None,
+                 captions: str | None = None, caption_column: str | None = None) -> None:
         self.path = path
         self.resolution = resolution
         self.name = name
@@ -335,8 +394,11 @@ class ImageFolderDataset(Dataset):
         self.limit = limit
         self.reference_split = reference_split
         self.reference_stats = reference_stats
+        self.captions_file = captions
+        self.caption_column = caption_column
         self._files: list[Path] | None = None
         self._classes: list[str] = []
+        self._captions: dict[str, str] | None = None
 
     # -- scanning --
     def _scan(self) -> list[Path]:
@@ -359,6 +421,13 @@ class ImageFolderDataset(Dataset):
                               f"also in subfolders)", "pass dataset.path=<a folder of images>")
         nested = all(len(f.relative_to(root).parts) >= 2 for f in files)
         use_classes = nested if self.class_subfolders == "auto" else bool(self.class_subfolders)
+        if self.captions_file not in (None, ""):
+            if self.class_subfolders is True:
+                raise ConfigError("dataset.class_subfolders", True, "a captioned folder is "
+                                  "text-conditional, not one class per subfolder",
+                                  "pass dataset.class_subfolders=auto (or false) with "
+                                  "dataset.captions, or dataset.captions=null for classes")
+            use_classes = False
         if use_classes and not nested:
             raise ConfigError("dataset.class_subfolders", self.class_subfolders,
                               f"images lie directly in {root}, not in one subfolder per class",
@@ -375,6 +444,8 @@ class ImageFolderDataset(Dataset):
     @property
     def conditioning(self) -> str:  # type: ignore[override]
         self._scan()
+        if self.captions_file not in (None, ""):
+            return "text"
         return "class" if self._classes else "none"
 
     @property
@@ -399,18 +470,17 @@ class ImageFolderDataset(Dataset):
             _check_positive_int(self.limit, "dataset.limit", 1000)
         _check_fraction(self.heldout_fraction, "dataset.heldout_fraction")
         self._check_common()
-        if self._files is not None:
-            return
-        files = self._scan()
-        for f in files:  # a broken file fails here, not halfway through the metrics
-            try:
-                with Image.open(f) as im:
-                    im.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
-                self._files = None
-                raise ConfigError("dataset.path", str(self.path),
-                                  f"cannot read image {f} ({type(e).__name__}: {e})",
-                                  "remove or replace the unreadable file") from e
+        if self._files is None:
+            for f in self._scan():  # a broken file fails here, not halfway through the metrics
+                try:
+                    with Image.open(f) as im:
+                        im.verify()
+                except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                    self._files = None
+                    raise ConfigError("dataset.path", str(self.path),
+                                      f"cannot read image {f} ({type(e).__name__}: {e})",
+                                      "remove or replace the unreadable file") from e
+        self._caption_map()  # read and checked once, then cached
 
     def _load_one(self, f: Path) -> Tensor:
         """One image as uint8 ``[C, R, R]``: center crop to a square, then resize (bicubic)."""
@@ -434,6 +504,63 @@ class ImageFolderDataset(Dataset):
     def _index(self, split: str) -> Tensor:
         return _split_index(len(self._scan()), split, self.heldout_fraction, self.split_seed,
                             "dataset.heldout_fraction")
+
+    # -- captions --
+    def _caption_map(self) -> dict[str, str] | None:
+        """``{path relative to the folder: caption}`` for every image (None without captions);
+        read once and checked: every image has a non-empty caption, every row names an image."""
+        if self.captions_file in (None, ""):
+            return None
+        if self._captions is not None:
+            return self._captions
+        files = self._scan()
+        root = Path(str(self.path)).expanduser()
+        path = Path(str(self.captions_file)).expanduser()
+        path = path if path.is_absolute() else root / path
+        fix = ("pass dataset.captions=<a .csv, .tsv or .jsonl file with file_name and caption "
+               "columns> (a relative path is read from dataset.path)")
+        if not path.is_file():
+            raise ConfigError("dataset.captions", str(self.captions_file),
+                              f"no such file ({path})" if not path.exists() else "is not a file",
+                              fix)
+        if path.suffix.lower() not in CAPTION_SUFFIXES:
+            raise ConfigError("dataset.captions", str(self.captions_file),
+                              f"unknown captions file type {path.suffix or '(none)'!r}", fix)
+        captions: dict[str, str] = {}
+        for name, caption in _read_caption_rows(path, self.caption_column, "dataset.captions"):
+            rel = Path(name).as_posix().removeprefix("./")
+            if rel in captions:
+                raise ConfigError("dataset.captions", str(self.captions_file),
+                                  f"{rel!r} is listed twice", "give each image one row")
+            captions[rel] = caption
+        present = {f.relative_to(root).as_posix() for f in image_files(root)}
+        unknown = sorted(set(captions) - present)
+        if unknown:
+            raise ConfigError("dataset.captions", str(self.captions_file),
+                              f"{len(unknown)} rows name no image in {root} (e.g. {unknown[0]!r})",
+                              f"make {FILE_COLUMN} the image's path relative to dataset.path")
+        names = [f.relative_to(root).as_posix() for f in files]
+        bad = [n for n in names if not captions.get(n)]
+        if bad:
+            raise ConfigError("dataset.captions", str(self.captions_file),
+                              f"{len(bad)} of the {len(names)} images have no caption (e.g. "
+                              f"{bad[0]!r})", "give every image a non-empty caption")
+        self._captions = {n: captions[n] for n in names}
+        return self._captions
+
+    def captions(self, split: str = "train") -> list[str]:
+        self.check()
+        captions = self._caption_map()
+        if captions is None:
+            return super().captions(split)
+        names = list(captions)  # in the order of _scan()
+        return [captions[names[i]] for i in self._index(split).tolist()]
+
+    def conditions(self, n: int) -> Tensor | list[str] | None:
+        if self.conditioning == "text":  # the captions of the images the samples are measured against
+            captions = self.captions(self.reference_split)
+            return [captions[i % len(captions)] for i in range(n)]
+        return super().conditions(n)
 
     def images(self, split: str = "train") -> Tensor:
         self.check()

@@ -10,7 +10,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from lowbit.models.adapter import Denoiser
+from lowbit.config import ConfigError
+from lowbit.models.adapter import FAMILIES, Denoiser
 
 
 @dataclass
@@ -34,9 +35,21 @@ class Method:
     there; fine-tuning methods run a Lightning fit inside it."""
 
     name: str = "base"
+    #: the model families (:data:`lowbit.models.adapter.FAMILIES`) the method is defined for
+    families: tuple[str, ...] = FAMILIES
+    #: why the other families are refused (part of the error)
+    family_reason: str = ""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+
+    def check_model(self, model: Denoiser) -> None:
+        """Refuse, before any compute, a model of a family this method is not defined for."""
+        if model.family not in self.families:
+            raise ConfigError("method", self.name, f"not defined for model {model.name!r} (a "
+                              f"{model.family} network): {self.family_reason}",
+                              f"choose a model of family {' or '.join(self.families)}, or "
+                              f"another method")
 
     @property
     def label(self) -> str:

@@ -4,10 +4,11 @@
 
 - every 1-bit Conv/Linear becomes ``conv(sign(x + t_c), sign(W))·α ⊙ (k ∗ mean_c|x|) + s ⊙ P(x)``
   (:class:`~lowbit.quant.binary.BinaryConv2d`): learnable per-input-channel threshold t_c with the
-  piecewise-quadratic STE, α = mean|W| per output channel, learnable k×k filter k (init 1/k²), and
-  a real-valued shortcut (:class:`BinaryShortcut`, shortcut kinds registered here) with learnable
-  s (init 0.3; ``method.shortcut``: ``identity`` is the parameter-free channel/stride map,
-  ``conv`` a real 1×1 conv when the shapes differ);
+  piecewise-quadratic STE, α = mean|W| per output channel (detached: weight binarizer kind
+  ``bidm``), learnable k×k filter k (init 1/k²), and a real-valued shortcut ``|s| ⊙ P(x)``
+  (:class:`BinaryShortcut`, shortcut kinds registered here) with learnable s (init 0.3;
+  ``method.shortcut``: ``conv`` (default) a real learned 1×1 conv when the channel counts
+  differ, ``identity`` the parameter-free channel/stride map);
 - cross-timestep feature connection (:class:`CrossTimestepBlock`): the outputs of the last
   ``ctc_blocks`` up-path timestep blocks become ``(1−α)·current + α·previous``, α learnable per
   block and timestep bucket (init 0.3), ``previous`` the block's output at the previous denoising
@@ -36,7 +37,12 @@ from torch import Tensor, nn
 
 from lowbit.methods.base import MethodContext
 from lowbit.methods.binary_qat import BinaryQAT, BinaryQATParams
-from lowbit.quant.binary import BinarySpec, register_shortcut
+from lowbit.quant.binary import (
+    BinarySpec,
+    SignWeightBinarizer,
+    register_shortcut,
+    register_weight_binarizer,
+)
 from lowbit.quant.channels import channel_map
 from lowbit.quant.qmap import register_module_class
 from lowbit.train import LossTerm, NoiseSchedule, StepOutputs, as_tensor, timestep_blocks
@@ -49,8 +55,9 @@ CTC_HOOK_ATTR = "_lowbit_cross_timestep_hook"
 # the real-valued shortcut of TBS
 # ------------------------------------------------------------------------------------------------
 class BinaryShortcut(nn.Module):
-    """BiDM's real-valued shortcut inside a binary layer: ``s ⊙ P(x)`` added to its output, s
-    learnable per output channel (init ``shortcut_init``). P maps the input to the output's
+    """BiDM's real-valued shortcut inside a binary layer: ``|s| ⊙ P(x)`` added to its output, s
+    learnable per output channel (init ``shortcut_init``; the magnitude keeps the real-valued
+    path additive, as BiDM's positive scale). P maps the input to the output's
     channels — the identity when they agree; otherwise a real 1×1 conv / linear (``proj=True``,
     initialised as the parameter-free map) or the parameter-free channel map
     (:func:`~lowbit.quant.channels.channel_map`) — and, after a strided conv, to its grid by
@@ -83,8 +90,8 @@ class BinaryShortcut(nn.Module):
         if self.is_conv:
             if p.shape[-2:] != y.shape[-2:]:  # strided conv: average over the stride window
                 p = F.adaptive_avg_pool2d(p, y.shape[-2:])
-            return self.scale.reshape(1, -1, 1, 1) * p
-        return self.scale * p
+            return self.scale.abs().reshape(1, -1, 1, 1) * p
+        return self.scale.abs() * p
 
     def extra_macs(self, x: Tensor, y: Tensor) -> float:
         """The 1×1 projection's MACs per sample (the rest is elementwise)."""
@@ -94,6 +101,9 @@ class BinaryShortcut(nn.Module):
         return float(positions * self.in_dim * self.out_dim)
 
 
+# BiDM's weight binarizer: α = mean|W| per output channel as a constant (detached), sign(W) STE
+register_weight_binarizer("bidm", lambda w, name: SignWeightBinarizer(w, learnable=False, name=name,
+                                                                     detach=True))
 register_shortcut("identity", lambda layer, spec: BinaryShortcut(layer, spec.shortcut_init, False))
 register_shortcut("conv", lambda layer, spec: BinaryShortcut(layer, spec.shortcut_init, True))
 register_module_class(
@@ -107,7 +117,12 @@ register_module_class(
 # ------------------------------------------------------------------------------------------------
 class CrossTimestepBlock(nn.Module):
     """Wraps one timestep block: ``(1−α_t)·out + α_t·previous`` with α learnable per timestep
-    bucket (``alpha`` [buckets], clamped to [0, 1]); ``enable()``/``disable()`` switch it."""
+    bucket (``alpha`` [buckets], clamped to [0, 1]); ``enable()``/``disable()`` switch it.
+
+    It keeps two outputs per sample: ``_last`` (of the latest call) and ``_before`` (of the latest
+    call at an earlier, higher timestep). The hook says per sample which one is "previous"
+    (``SOURCE_LAST`` when the timestep advanced, ``SOURCE_BEFORE`` when a sampler evaluates the
+    same timestep again, as PLMS does in its first steps, ``SOURCE_NONE`` at a trajectory start)."""
 
     def __init__(self, block: nn.Module, num_buckets: int = 10, alpha_init: float = 0.3,
                  num_train_timesteps: int = 1000) -> None:
@@ -116,9 +131,10 @@ class CrossTimestepBlock(nn.Module):
         self.alpha = nn.Parameter(torch.full((num_buckets,), float(alpha_init)))
         self.num_train_timesteps = num_train_timesteps
         self.enabled = True
-        self._prev: Tensor | None = None
+        self._last: Tensor | None = None
+        self._before: Tensor | None = None
         self._t: Tensor | None = None
-        self._valid: Tensor | None = None
+        self._source: Tensor | None = None
 
     def enable(self) -> None:
         self.enabled = True
@@ -128,11 +144,12 @@ class CrossTimestepBlock(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        self._prev = None
+        self._last = self._before = None
 
-    def set_timestep(self, t: Tensor, valid: Tensor | None) -> None:
-        """This call's timesteps [B] and which samples continue the previous call's trajectory."""
-        self._t, self._valid = t, valid
+    def set_timestep(self, t: Tensor, source: Tensor | None) -> None:
+        """This call's timesteps [B] and, per sample, where its previous-step features come from
+        (``SOURCE_*``; None: nowhere)."""
+        self._t, self._source = t, source
 
     def alpha_for(self, t: Tensor, like: Tensor) -> Tensor:
         """α of each sample's timestep bucket, shaped to broadcast against ``like``."""
@@ -145,24 +162,49 @@ class CrossTimestepBlock(nn.Module):
         out = self.block(*args, **kwargs)
         if not self.enabled:
             return out
-        prev = self._prev
-        if prev is not None and prev.shape == out.shape and self._t is not None:
-            a = self.alpha_for(self._t, out)
-            if self._valid is not None:  # samples without a previous step keep their output
-                a = a * self._valid.to(a.dtype).reshape(a.shape)
+        src = self._source
+        last = self._last if self._last is not None and self._last.shape == out.shape else None
+        before = self._before if self._before is not None and self._before.shape == out.shape \
+            else None
+        if src is None or last is None:
+            src = torch.full((out.shape[0],), SOURCE_NONE, device=out.device)
+        src = src.to(out.device)
+        if before is None:  # nothing older kept: a repeated timestep has no previous step
+            src = torch.where(src == SOURCE_BEFORE, SOURCE_NONE, src)
+        view = (-1, *[1] * (out.dim() - 1))
+        if self._t is not None and bool((src != SOURCE_NONE).any()):
+            prev = last if before is None else torch.where(
+                (src == SOURCE_BEFORE).reshape(view), before, last)
+            a = self.alpha_for(self._t, out) * (src != SOURCE_NONE).to(out.dtype).reshape(view)
             out = (1 - a) * out + a * prev
-        self._prev = out.detach()  # what this block emitted: the next step's "previous"
+        new = out.detach()
+        # the step before the next one: the old "last" where the timestep advanced, unchanged
+        # where it repeated, nothing at a trajectory start (zeros, never read)
+        if last is not None:
+            keep = before if before is not None else torch.zeros_like(last)
+            adv = (src == SOURCE_LAST).reshape(view)
+            self._before = torch.where(adv, last, torch.where((src == SOURCE_BEFORE).reshape(view),
+                                                              keep, torch.zeros_like(last)))
+        else:
+            self._before = None
+        self._last = new  # what this block emitted: the next step's "previous"
         return out
 
 
+SOURCE_NONE, SOURCE_LAST, SOURCE_BEFORE = 0, 1, 2
+
+
 class _CrossTimestepHook:
-    """Forward pre-hook on the top-level denoiser: hands each call's timesteps to the wrappers;
-    a sample continues the previous call's trajectory only if its timestep is below the previous
-    one (a new trajectory starts at the highest timestep); another batch size resets them."""
+    """Forward pre-hook on the top-level denoiser: hands each call's timesteps to the wrappers and
+    says, per sample, where the previous step's features are: the latest call's when the timestep
+    went down; the call before that when the same timestep is evaluated again (PLMS's first
+    steps); none when it went up — a new trajectory starts at the highest timestep — or when the
+    batch size changed."""
 
     def __init__(self, blocks: list[CrossTimestepBlock]) -> None:
         self.blocks = blocks
         self.last_t: Tensor | None = None
+        self.has_before: Tensor | None = None  # per sample: an earlier step is kept
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
@@ -174,19 +216,30 @@ class _CrossTimestepHook:
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
-        last, valid = self.last_t, None
-        if last is not None and last.shape == t.shape:
-            valid = t < last.to(t.device)
-        if valid is None or not bool(valid.any()):
+        last = self.last_t
+        if last is None or last.shape != t.shape:
             for b in self.blocks:
                 b.reset()
-            valid = None
+            source = torch.full(t.shape, SOURCE_NONE, device=t.device)
+            has_before = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        else:
+            last = last.to(t.device)
+            adv, same = t < last, t == last
+            before_ok = self.has_before.to(t.device)
+            source = torch.where(adv, SOURCE_LAST,
+                                 torch.where(same & before_ok, SOURCE_BEFORE, SOURCE_NONE))
+            has_before = adv | (same & before_ok)
+            if not bool((t <= last).any()):  # every sample starts a new trajectory
+                for b in self.blocks:
+                    b.reset()
         for b in self.blocks:
-            b.set_timestep(t, valid)
+            b.set_timestep(t, source)
         self.last_t = t.detach()
+        self.has_before = has_before
 
     def reset(self) -> None:
         self.last_t = None
+        self.has_before = None
         for b in self.blocks:
             b.reset()
 
@@ -319,7 +372,7 @@ class SPDLoss(LossTerm):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BiDMParams(BinaryQATParams):
     tbs: bool = True
-    shortcut: str = "identity"
+    shortcut: str = "conv"
     shortcut_init: float = 0.3
     ctc_blocks: int = 4
     ctc_buckets: int = 10
@@ -342,6 +395,10 @@ class BiDMParams(BinaryQATParams):
 class BiDM(BinaryQAT):
     name = "bidm"
     params_class = BiDMParams
+    families = ("unet", "unet_text")
+    family_reason = ("BiDM is defined for U-Nets: TBS's k×k scaling filter and SPD's patches act "
+                     "on conv feature maps, the cross-timestep connection on the up-path blocks; "
+                     "a DiT has neither (method=binary_baseline binarizes a DiT)")
     default_ctc_blocks = 4  # conf/method/bidm.yaml; other values show in the label
     default_patch_size = 4
 
@@ -362,7 +419,7 @@ class BiDM(BinaryQAT):
         p = self.params
         if not p.tbs:
             return BinarySpec(weight="xnor", act="sign")
-        return BinarySpec(weight="xnor", act="rsign", scaling="learned", shortcut=p.shortcut,
+        return BinarySpec(weight="bidm", act="rsign", scaling="learned", shortcut=p.shortcut,
                           shortcut_init=p.shortcut_init)
 
     def ctc_offset(self, ctx: MethodContext, num_train_timesteps: int) -> int:

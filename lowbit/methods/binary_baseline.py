@@ -2,8 +2,9 @@
 the same QAT loop and steps as BinaryDM/BiDM (diffusion loss on real images, no distillation).
 
 - ``variant=xnor`` (XNOR-Net): weights ``α·sign(w)`` with α = mean|w| per output channel,
-  recomputed from the latent weights; activations ``sign(x)`` with the clipped STE at A1, the bits
-  config's quantizer (e.g. 4-bit LSQ) otherwise.
+  recomputed from the latent weights; activations ``sign(x)`` with the clipped STE at A1, scaled
+  by XNOR-Net's ``K = k ∗ mean_c|x|`` (k the fixed k×k box filter 1/k²); the bits config's
+  quantizer (e.g. 4-bit LSQ, no K) otherwise.
 - ``variant=react`` (ReActNet-style): as xnor, but 1-bit activations get a learnable per-channel
   threshold, ``sign(x + t_c)``, with the piecewise-quadratic ApproxSign STE.
 """
@@ -44,8 +45,11 @@ class BinaryBaseline(BinaryQAT):
 
     def spec(self, act_bits: int | None) -> BinarySpec:
         variant = self.params.variant
-        act = "keep" if act_bits != 1 else ("rsign" if variant == "react" else "sign")
-        return BinarySpec(weight="xnor", act=act)
+        if act_bits != 1:
+            return BinarySpec(weight="xnor", act="keep")
+        if variant == "react":
+            return BinarySpec(weight="xnor", act="rsign")
+        return BinarySpec(weight="xnor", act="sign", scaling="xnor")  # XNOR-Net's K with sign(x)
 
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
         spec = self.spec(quant_config(ctx.cfg).act.bits)

@@ -64,9 +64,13 @@ class BinaryQATParams(TrainParams):
 
 
 def real_images(ctx: MethodContext, split: str) -> tuple[Tensor, Tensor | None]:
-    """The dataset's real images in [-1, 1] and labels (digits: all 1,797 without a dataset)."""
+    """The dataset's real images in [-1, 1] and their conditions: class labels, or for a
+    text-to-image model the embeddings of their captions (digits: all 1,797 without a dataset)."""
     if ctx.dataset is None:
         return load_digits_tensors()
+    if ctx.model.conditioning == "text":
+        captions = ctx.dataset.captions(split)  # a dataset without captions fails, naming the key
+        return ctx.dataset.images(split), ctx.model.make_cond(captions, len(captions))
     labels = ctx.dataset.labels(split) if ctx.model.conditioning == "class" else None
     return ctx.dataset.images(split), labels
 

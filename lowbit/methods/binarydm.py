@@ -1,9 +1,9 @@
 """``method=binarydm``: BinaryDM (Zheng et al., ICLR 2025) — 1-bit weights (W1A4, also W1A8/W1A32).
 
 - **EBB** (Evolvable-Basis Binarizer, :class:`EBBWeightBinarizer`, weight binarizer kind ``ebb``
-  of :mod:`lowbit.quant.binary`) on the
-  layers of the first and last ``ebb_blocks`` timestep blocks (head and tail, the highest
-  resolutions); the central blocks use the plain learnable ``σ₁·sign(w)``. Regulariser
+  of :mod:`lowbit.quant.binary`) on the layers of the head and tail timestep blocks — those at
+  the highest resolutions (:func:`ebb_block_set`: the upper half of the resolution levels, or
+  ``ebb_levels``); the central blocks use the plain learnable ``σ₁·sign(w)``. Regulariser
   ``τ·mean|σ₂|`` (τ = 9e-2) drives the second basis to 0; at ``ebb_switch`` (fraction of the
   training steps) every EBB switches to one basis, so the trained model is purely 1-bit.
 - **LRM** (Low-rank Representation Mimicking): the FP teacher's timestep-block outputs are
@@ -22,6 +22,7 @@ forward, PCA over the width axis, the missing σ₂ regulariser.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import torch
@@ -135,10 +136,17 @@ def ebb_binarizers(model: nn.Module) -> list[EBBWeightBinarizer]:
     return binarizers(model, EBBWeightBinarizer)
 
 
-def ebb_block_set(blocks: list[TimestepBlock], n: int) -> list[TimestepBlock]:
-    """The first ``n`` and the last ``n`` timestep blocks (head and tail)."""
-    n = max(0, min(n, len(blocks)))
-    return blocks[:n] + [b for b in blocks[len(blocks) - n:] if b not in blocks[:n]]
+def ebb_block_set(blocks: list[TimestepBlock], resolutions: list[int],
+                  levels: int | None = None) -> list[TimestepBlock]:
+    """BinaryDM's head and tail: the timestep blocks that work at the ``levels`` highest
+    resolutions (``resolutions``: each block's output H·W); ``None`` = the upper half of the
+    U-Net's resolution levels (at least one). On LDM-4 (four levels, 64² … 8²) that is the 64² and
+    32² blocks — the paper's first and last six timestep blocks; on the digits U-Net (16², 8², 4²)
+    the 16² blocks."""
+    distinct = sorted(set(resolutions), reverse=True)
+    n = max(1, len(distinct) // 2) if levels is None else max(0, min(levels, len(distinct)))
+    top = set(distinct[:n])
+    return [b for b, r in zip(blocks, resolutions, strict=True) if r in top]
 
 
 class EBBRegularizer(LossTerm):
@@ -190,7 +198,8 @@ def project(features: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
 
 class LRMLoss(LossTerm):
     """BinaryDM's Low-rank Representation Mimicking (PCA bases as buffers ``mean_i``/``basis_i``):
-    Σ over blocks of the MSE between projected student and teacher features."""
+    the MSE between projected student and teacher features, averaged over the blocks (so the
+    weight 1e-4 means the same for any number of blocks)."""
 
     name = "lrm"
     needs_teacher = True
@@ -229,12 +238,12 @@ class LRMLoss(LossTerm):
             mean, basis = getattr(self, f"mean_{i}"), getattr(self, f"basis_{i}")
             terms.append(F.mse_loss(project(out.student_features[n], mean, basis),
                                     project(out.teacher_features[n], mean, basis)))
-        return torch.stack(terms).sum()
+        return torch.stack(terms).mean()
 
 
 @torch.no_grad()
-def block_channels(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list[int]:
-    """Output channels of the named blocks, from one one-sample forward of ``net``."""
+def block_shapes(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list[tuple[int, ...]]:
+    """Output shapes [C, *spatial] of the named blocks, from one one-sample forward of ``net``."""
     device = next(net.parameters()).device
     x = torch.zeros((1, *denoiser.sample_shape), device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
@@ -243,13 +252,23 @@ def block_channels(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list
     cond = cond.to(device) if cond is not None else None
     with tapped(net, names) as tap:
         denoiser.call(net, x, t, cond)
-    return [as_tensor(tap.features[n]).shape[1] for n in names]
+    return [tuple(as_tensor(tap.features[n]).shape[1:]) for n in names]
+
+
+def block_channels(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list[int]:
+    """Output channels of the named blocks."""
+    return [s[0] for s in block_shapes(denoiser, net, names)]
+
+
+def block_resolutions(denoiser: Denoiser, net: nn.Module, names: list[str]) -> list[int]:
+    """Output resolution (number of spatial positions) of the named blocks."""
+    return [math.prod(s[1:]) for s in block_shapes(denoiser, net, names)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BinaryDMParams(BinaryQATParams):
     ebb: bool = True
-    ebb_blocks: int = 2
+    ebb_levels: int | None = None
     ebb_tau: float = 0.09
     ebb_switch: float = 0.5
     lrm: bool = True
@@ -261,6 +280,9 @@ class BinaryDMParams(BinaryQATParams):
         super().check(prefix)
         if not 0.0 <= self.ebb_switch <= 1.0:
             raise HParamError(f"{prefix}.ebb_switch={self.ebb_switch}: a fraction of the steps")
+        if self.ebb_levels is not None and self.ebb_levels < 1:
+            raise HParamError(f"{prefix}.ebb_levels={self.ebb_levels}: a positive number of "
+                              f"resolution levels, or null for the upper half")
         for key in ("lrm_rank_div", "lrm_samples"):
             if getattr(self, key) < 1:
                 raise HParamError(f"{prefix}.{key}={getattr(self, key)}: must be positive")
@@ -269,21 +291,31 @@ class BinaryDMParams(BinaryQATParams):
 class BinaryDM(BinaryQAT):
     name = "binarydm"
     params_class = BinaryDMParams
-    default_ebb_blocks = 2  # conf/method/binarydm.yaml; other values show in the label
+    families = ("unet", "unet_text")
+    family_reason = ("BinaryDM is defined for U-Nets: EBB takes the highest-resolution timestep "
+                     "blocks and LRM the channel PCA of the U-Net blocks' feature maps; a DiT has "
+                     "no such blocks (method=binary_baseline binarizes a DiT)")
 
     @property
     def label(self) -> str:
         p, parts = self.params, []
         if not p.ebb:
             parts.append("no-ebb")
-        elif p.ebb_blocks != self.default_ebb_blocks:
-            parts.append(f"ebb_blocks={p.ebb_blocks}")
+        elif p.ebb_levels is not None:
+            parts.append(f"ebb_levels={p.ebb_levels}")
         if not p.lrm:
             parts.append("no-lrm")
         return self.name if not parts else f"{self.name}({','.join(parts)})"
 
-    def spec_for(self, blocks: list[TimestepBlock]):
-        head_tail = ebb_block_set(blocks, self.params.ebb_blocks) if self.params.ebb else []
+    def ebb_blocks(self, denoiser: Denoiser, net: nn.Module, blocks: list[TimestepBlock]
+                   ) -> list[TimestepBlock]:
+        """The blocks whose layers get EBB (none with ``ebb=false``)."""
+        if not self.params.ebb:
+            return []
+        res = block_resolutions(denoiser, net, [b.output for b in blocks])
+        return ebb_block_set(blocks, res, self.params.ebb_levels)
+
+    def spec_for(self, head_tail: list[TimestepBlock]):
 
         def fn(name: str, _m: nn.Module) -> BinarySpec:
             ebb = any(b.contains(name) for b in head_tail)
@@ -307,7 +339,8 @@ class BinaryDM(BinaryQAT):
     def prepare(self, teacher: nn.Module, ctx: MethodContext) -> nn.Module:
         p = self.params
         blocks = timestep_blocks(teacher)
-        student = self.binary_student(teacher, ctx, self.spec_for(blocks))
+        student = self.binary_student(teacher, ctx,
+                                      self.spec_for(self.ebb_blocks(ctx.model, teacher, blocks)))
         terms: list[LossTerm] = []
         ebbs = ebb_binarizers(student)
         if p.ebb:

@@ -207,7 +207,9 @@ class NoiseSchedule:
     """The forward process q(x_t | x_0) of a model's noise schedule (DDPM ᾱ_t)."""
 
     def __init__(self, noise_schedule: dict) -> None:
-        sched = DDPMScheduler(**noise_schedule)
+        # the pipeline's scheduler config (DDIM, PNDM …): from_config keeps the schedule's keys
+        # and ignores the sampler's own (set_alpha_to_one, skip_prk_steps, …)
+        sched = DDPMScheduler.from_config(noise_schedule)
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
         self.alphas_cumprod = sched.alphas_cumprod.clone().float()
 
@@ -224,8 +226,11 @@ def _labels_for(denoiser: Denoiser, labels: Tensor | None) -> Tensor | None:
                              f"no labels; choose a class dataset")
         return labels
     if denoiser.conditioning == "text":
-        raise ValueError(f"model {denoiser.name!r} is text-conditioned: QAT on real images needs "
-                         f"captions, which lowbit's real-image data does not carry yet")
+        if labels is None or labels.dim() != 3:
+            raise ValueError(f"model {denoiser.name!r} is text-conditioned: real images need "
+                             f"their caption embeddings [N, L, D] (a captioned dataset: "
+                             f"dataset=image_folder dataset.captions=<metadata file>)")
+        return labels
     return None
 
 
@@ -264,9 +269,13 @@ class RealImageData(StepDataModule):
         if self.denoiser.latent:
             x0 = self.denoiser.encode(x0).cpu()
         y = self.labels[idx] if self.labels is not None else None
-        if y is not None and self.denoiser.null_class is not None and self.p_uncond > 0:
-            drop = torch.rand(y.shape, generator=g) < self.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.denoiser.null_class), y)
+        null = (None if y is None or self.p_uncond <= 0 else
+                self.denoiser.null_cond(len(idx), torch.device("cpu"))
+                if self.denoiser.conditioning == "text" or self.denoiser.null_class is not None
+                else None)
+        if null is not None:  # label / caption dropout to the null condition of guidance
+            drop = torch.rand(y.shape[:1], generator=g) < self.p_uncond
+            y = torch.where(drop.reshape(-1, *[1] * (y.dim() - 1)), null.to(y.dtype), y)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, self.schedule.num_train_timesteps, (len(idx),), generator=g)
         return {"x": self.schedule.add_noise(x0, noise, t), "t": t, "cond": y, "x0": x0,
