@@ -225,3 +225,26 @@ def test_config_validation_names_key_and_allowed_values() -> None:
                                  "overrides": {"*attn*": {"act": {"bits": 8}}, "conv_in": "fp"}})
     assert cfg.weight.granularity == "group:64" and len(cfg.overrides) == 2
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("shape,scale_shape", [((4, 8, 5, 5), ()), ((4, 8, 5, 5), (1, 8, 1, 1)),
+                                               ((6, 12), (6, 1))])
+def test_fake_quantize_without_graph_equals_the_autograd_path(shape, scale_shape, zero_point):
+    """Sampling runs fake_quantize in place (no autograd graph): bit-identical to the path that
+    builds the graph, at the grid's edges, halfway points and out-of-range values too."""
+    from lowbit.quant.quantizers import fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(scale_shape, generator=g) * 0.2 + 0.01
+    z = torch.randint(0, 16, scale_shape, generator=g).float() if zero_point else None
+    x = torch.randn(shape, generator=g) * 3
+    x.view(-1)[:8] = (torch.arange(8) - 3.5) * scale.reshape(-1)[0]  # exact halfway points
+    x.view(-1)[8] = float("inf")
+    qmin, qmax = (0, 15) if zero_point else (-8, 7)
+    graph = fake_quantize(x.clone().requires_grad_(True), scale, z, qmin, qmax)
+    assert graph.requires_grad
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, z, qmin, qmax)
+    assert torch.equal(graph.detach(), fast)
+    assert torch.equal(x.view(-1)[8], torch.tensor(float("inf")))  # the input is left alone

@@ -102,6 +102,16 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int
     rounding. ``rounding`` replaces round() (AdaRound's floor + h(V)).
     """
     v = x * torch.reciprocal(scale)
+    if rounding is None and not v.requires_grad:
+        # no autograd graph (sampling, evaluation): the same operations in place on ``v``,
+        # bit-identical and without four temporaries the size of ``x``
+        v.round_()
+        if zero_point is not None:
+            v.add_(zero_point)
+        v.clamp_(qmin, qmax)
+        if zero_point is not None:
+            v.sub_(zero_point)
+        return v.mul_(scale)
     q = round_ste(v) if rounding is None else rounding(v)
     if zero_point is not None:
         q = q + zero_point
