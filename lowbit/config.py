@@ -161,6 +161,7 @@ def validate(cfg: DictConfig) -> None:
     _bool(cfg, "force")
     _bool(cfg, "resume", allow_none=True)
     _bool(cfg, "export")
+    _bool(cfg, "time_vs_fp")
     _check_seed(cfg)
     _check_device(cfg)
     _positive_int(cfg, "metrics.num_samples", 500)

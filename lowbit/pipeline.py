@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -173,6 +174,9 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     else:
         x0, sample_s, cache_cost = _sample_cached(model.with_net(student), feature_cache, sampler,
                                                   cond, n, int(cfg.seed))
+    if student is not teacher and bool(cfg.get("time_vs_fp", True)):
+        cache_cost.update(_time_vs_fp(model, teacher, student, feature_cache, sampler, cond, n,
+                                      int(cfg.seed)))
     images = decode_images(model, x0, sampler.batch_size)
     labels = cond if model.conditioning == "class" else None
 
@@ -300,6 +304,33 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(path)
     return images
+
+
+def _time_vs_fp(model: Denoiser, teacher: torch.nn.Module, student: torch.nn.Module,
+                cache: DeepCache | None, sampler: SamplerConfig, cond: torch.Tensor | None,
+                n: int, seed: int) -> dict[str, float]:
+    """One sampling batch of the FP model, then one of the student (with its feature cache, if
+    any), back to back on the same seed and machine load: ``sample_x_fp`` = student time / FP
+    time. Warm-up excluded: the student's weights are already quantized and cached by the run's
+    sampling, and the FP model gets one untimed step first."""
+    m = min(sampler.batch_size, n)
+    c = cond[:m] if cond is not None else None
+    one = dataclasses.replace(sampler, batch_size=m)
+    fp = model.with_net(teacher)
+    sample_many(fp, dataclasses.replace(one, steps=1), c, m, seed=seed, progress=False)
+    t0 = time.perf_counter()
+    sample_many(fp, one, c, m, seed=seed, progress=False)
+    fp_s = time.perf_counter() - t0
+    quant = model.with_net(student)
+    timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
+    with contextlib.ExitStack() as stack:
+        if cache is not None:
+            stack.enter_context(cache.attach(student, timesteps))
+        t0 = time.perf_counter()
+        sample_many(quant, one, c, m, seed=seed, progress=False)
+        student_s = time.perf_counter() - t0
+    return {"sample_batch_fp_s": fp_s, "sample_batch_s": student_s,
+            "sample_x_fp": student_s / max(fp_s, 1e-12)}
 
 
 def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,

@@ -25,6 +25,7 @@ ID_COLS = ["job", "model", "method", "bits", "dataset", "sampler", "status", "se
 #: a row's key for the jobs it may be averaged with (not a column)
 GROUP_KEY = "_group"
 COST_COLS = ["size_mb", "size_x", "ops", "ops_x", "calib_s", "finetune_s", "train_s", "sample_s",
+             "sample_x_fp",
              "total_s", "peak_mem_mb",
              "trainable_params"]
 

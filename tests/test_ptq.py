@@ -74,6 +74,9 @@ def test_ptq_run_end_to_end(make_cfg):
     assert res["cost"]["size_mb"] < 0.4 * 4.44  # 8-bit weights: about a quarter of FP32
     assert res["cost"]["calib_s"] > 0
     assert res["metrics"]["cond_acc"] > 0.9  # W8A8 ≈ FP
+    c = res["cost"]  # one FP batch and one student batch timed back to back
+    assert c["sample_batch_fp_s"] > 0 and c["sample_batch_s"] > 0
+    assert c["sample_x_fp"] == pytest.approx(c["sample_batch_s"] / c["sample_batch_fp_s"])
 
 
 def test_qdiffusion_reconstructs_the_activation_steps_block_by_block(trajectories, tmp_path):
