@@ -50,6 +50,12 @@ def test_family_layer_lists():
     assert family_layers(table, "ldm_imagenet") == ["*attn1.to_q"]
     with pytest.raises(ValueError, match="no layer list"):
         family_layers({"digits": []}, "dit_xl_2")
+    # a model name first, then the model's family, then default
+    table = {"ddpm_*": ["*a"], "unet": ["*b"], "default": ["*c"]}
+    assert family_layers(table, "ddpm_cifar10", "unet") == ["*a"]
+    assert family_layers(table, "my_pipeline", "unet") == ["*b"]
+    assert family_layers(table, "my_pipeline", "dit") == ["*c"]
+    assert family_layers(table, "unet", "dit") == ["*c"]  # a family key is not a name glob
 
 
 def test_stages_key_selects_what_trains(make_cfg):
@@ -71,7 +77,7 @@ def test_stages_key_selects_what_trains(make_cfg):
     assert local.feature_names and all(n.endswith("time_emb_proj") for n in local.feature_names)
     assert len(local.feature_names) == n_proj
     # CMA: the attention q/k/v weights (digits list) + every other activation Δ except softmax
-    cma, _ = method.stage_groups(student, "cma", "digits")
+    cma, _ = method.stage_groups(student, "cma", "digits", "unet")
     w = [n for n, _ in cma[0].params]
     assert w and all(n.endswith(("to_q.weight", "to_k.weight", "to_v.weight")) for n in w)
     acts = [n for n, _ in cma[1].params]

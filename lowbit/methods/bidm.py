@@ -159,9 +159,12 @@ class CrossTimestepBlock(nn.Module):
         return a.reshape(-1, *[1] * (like.dim() - 1))
 
     def forward(self, *args, **kwargs):
-        out = self.block(*args, **kwargs)
+        raw = self.block(*args, **kwargs)
         if not self.enabled:
-            return out
+            return raw
+        return _with_main_output(raw, self._connect(as_tensor(raw)))
+
+    def _connect(self, out: Tensor) -> Tensor:
         src = self._source
         last = self._last if self._last is not None and self._last.shape == out.shape else None
         before = self._before if self._before is not None and self._before.shape == out.shape \
@@ -189,6 +192,19 @@ class CrossTimestepBlock(nn.Module):
             self._before = None
         self._last = new  # what this block emitted: the next step's "previous"
         return out
+
+
+def _with_main_output(raw: object, out: Tensor) -> object:
+    """``raw`` (a block's output: a tensor, a tuple such as ``Transformer2DModel``'s with
+    ``return_dict=False``, or a ``BaseOutput``) with its main tensor replaced by ``out``."""
+    if isinstance(raw, Tensor):
+        return out
+    if isinstance(raw, tuple):
+        return (out, *raw[1:])
+    if hasattr(raw, "sample"):
+        return dataclasses.replace(raw, sample=out)
+    raise TypeError(f"cross-timestep connection: cannot carry a block output of type "
+                    f"{type(raw).__name__}")
 
 
 SOURCE_NONE, SOURCE_LAST, SOURCE_BEFORE = 0, 1, 2

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.methods.base import Method, MethodContext
+from lowbit.models.adapter import FAMILIES
 from lowbit.methods.ptq import CalibParams, calibration_set, quant_config
 from lowbit.train import (
     CachedTrajectoryData,
@@ -46,16 +47,19 @@ log = logging.getLogger(__name__)
 STAGES = ("tla", "cma")
 
 
-def family_layers(table: Any, model_name: str) -> list[str]:
-    """The layer patterns of ``table`` (``{model-name glob: [patterns]}``) for ``model_name``:
-    the first glob that matches, else ``default``."""
+def family_layers(table: Any, model_name: str, family: str | None = None) -> list[str]:
+    """The layer patterns of ``table`` for a model: the first model-name glob that matches
+    ``model_name``, else the entry of its ``family`` (``unet``, ``unet_text``, ``dit``: how the
+    stock diffusers network of that family names its layers), else ``default``."""
     table = dict(table or {})
     for glob, layers in table.items():
-        if glob != "default" and fnmatch.fnmatchcase(model_name, glob):
+        if glob != "default" and glob not in FAMILIES and fnmatch.fnmatchcase(model_name, glob):
             return list(layers)
+    if family is not None and family in table:
+        return list(table[family])
     if "default" not in table:
-        raise ValueError(f"no layer list for model {model_name!r} in {sorted(table)}; add one "
-                         f"(or a 'default' entry)")
+        raise ValueError(f"no layer list for model {model_name!r} (family {family}) in "
+                         f"{sorted(table)}; add one (or a 'default' entry)")
     return list(table["default"])
 
 
@@ -110,7 +114,8 @@ class QuEST(Method):
         return self.name if self.stages == list(STAGES) else f"{self.name}[{'+'.join(self.stages)}]"
 
     # -- what each stage trains ---------------------------------------------------------------------
-    def stage_groups(self, student: nn.Module, stage: str, model_name: str
+    def stage_groups(self, student: nn.Module, stage: str, model_name: str,
+                     family: str | None = None
                      ) -> tuple[list[ParamGroup], LayerMSE | None]:
         """Parameter groups and local loss of ``stage`` (``tla`` | ``cma``)."""
         p = self.params
@@ -128,7 +133,7 @@ class QuEST(Method):
             layers = temporal
         else:
             sc = p.cma
-            critical = family_layers(p.critical_layers, model_name)
+            critical = family_layers(p.critical_layers, model_name, family)
             # all activation Δ except the time-embedding ones (the TLA stage's, and the MLP's)
             not_temporal = [*temporal, *p.time_embedding_layers]
             ex = list(p.act_param_exclude)
@@ -164,7 +169,7 @@ class QuEST(Method):
         stats, trainable_ids, t_fit = {}, set(), 0.0
         for stage in self.stages:
             sc = getattr(p, stage)
-            groups, local = self.stage_groups(student, stage, model_name)
+            groups, local = self.stage_groups(student, stage, model_name, ctx.model.family)
             terms = [TeacherMSE(sc.global_weight)]
             if local is not None:
                 terms.append(local.resolve(student, teacher))
