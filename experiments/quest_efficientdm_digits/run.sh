@@ -19,6 +19,9 @@ lowbit -m experiment=digits/efficientdm "${common[@]}" hydra.sweep.dir=$out/swee
 lowbit -m experiment=digits/qat "${common[@]}" hydra.sweep.dir=$out/sweep/qat
 lowbit -m experiment=digits/quest 'method.stages=[tla]' "${common[@]}" \
   hydra.sweep.dir=$out/sweep/quest_tla
+# QuEST from the same start as EfficientDM and QAT (skip and downsample convs FP)
+lowbit -m experiment=digits/quest +method.bits_rules.skip_fp=true "${common[@]}" \
+  hydra.sweep.dir=$out/sweep/quest_fpskip
 echo "wall time: $(( $(date +%s) - start )) s"
 lowbit-report $out/sweep --md $out/table.md --csv $out/results.csv
 find $out/sweep -mindepth 2 \( -name samples -o -name .hydra -o -name checkpoints \
