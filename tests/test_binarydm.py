@@ -155,11 +155,12 @@ def _params(module: StudentModule) -> list:
     return [p for g in module.groups for _, p in g.params]
 
 
-def _steps(module: StudentModule, batch, n: int, lr: float = 5e-4) -> None:
+def _steps(module: StudentModule, batch, n: int, lr: float = 5e-4, key: str = "loss") -> None:
+    """``n`` Adam steps on the loss term ``key`` (default: the total)."""
     opt = torch.optim.Adam(_params(module), lr=lr)
     for _ in range(n):
         opt.zero_grad()
-        module.losses(batch)["loss"].backward()
+        module.losses(batch)[key].backward()
         opt.step()
 
 
@@ -188,29 +189,17 @@ def test_training_steps_reduce_binarydm_loss(setup):
     # grow in the first steps: the task gradient is ~100× larger)
     only_ebb = StudentModule(student, loaded.net, loaded, qat_groups(student, 5e-4, None),
                              [ebb], max_steps=100)
-    with torch.no_grad():
-        ebb_before = float(only_ebb.losses(batch)["ebb_reg"])
-    opt = torch.optim.Adam(_params(only_ebb), lr=5e-4)
-    for _ in range(3):
-        opt.zero_grad()
-        only_ebb.losses(batch)["ebb_reg"].backward()
-        opt.step()
-    with torch.no_grad():
-        assert float(only_ebb.losses(batch)["ebb_reg"]) < ebb_before
+    ebb_before = _losses(only_ebb, batch)["ebb_reg"]
+    _steps(only_ebb, batch, 3, key="ebb_reg")
+    assert _losses(only_ebb, batch)["ebb_reg"] < ebb_before
     # LRM's own gradient (weight 1e-4 in the paper) is drowned by the task loss in a few steps;
     # alone, it pulls the student's low-rank features towards the teacher's
     lrm.weight = 1.0
     only_lrm = StudentModule(student, loaded.net, loaded, qat_groups(student, 5e-4, None),
                              [lrm], max_steps=100)
-    with torch.no_grad():
-        lrm_before = float(only_lrm.losses(batch)["lrm"])
-    opt = torch.optim.Adam(_params(only_lrm), lr=5e-4)
-    for _ in range(3):
-        opt.zero_grad()
-        only_lrm.losses(batch)["lrm"].backward()
-        opt.step()
-    with torch.no_grad():
-        assert float(only_lrm.losses(batch)["lrm"]) < lrm_before
+    lrm_before = _losses(only_lrm, batch)["lrm"]
+    _steps(only_lrm, batch, 3, key="lrm")
+    assert _losses(only_lrm, batch)["lrm"] < lrm_before
 
 
 def test_labels_name_the_ablations():
