@@ -1,15 +1,15 @@
 """Training-free feature caching for U-Nets: DeepCache (Ma et al., CVPR 2024).
 
 Adjacent denoising steps produce nearly the same high-level features. On a *full* step the whole
-U-Net runs and every module of the deep part records its output: the down blocks below the
-skip branch ``branch``, the mid block, and the up blocks above it. On the *partial* steps in
-between, those modules return their recorded outputs without computing; only the time embedding,
-``conv_in``, the ``branch`` shallow down blocks, the matching up blocks (fed the cached deep
-feature and the fresh skip features) and the output layers run. So the stock diffusers forward
-runs unchanged — no model code is forked — and the deep modules are skipped by replacing their
-``forward`` on the instance while the cache is attached (parameter names and hooks stay as they
-are, so a quantized student caches its own features and its timestep hook still sees each
-sampler timestep once per call).
+U-Net runs and every module of the deep part records its output: the down blocks below the skip
+branch ``branch`` (and the downsampler that feeds them), the mid block, and the up blocks above
+it. On the *partial* steps in between, those modules return their recorded outputs without
+computing; only the time embedding, ``conv_in``, the ``branch`` shallow down blocks, the matching
+up blocks (fed the cached deep feature and the fresh skip features) and the output layers run. So
+the stock diffusers forward runs unchanged — no model code is forked — and the deep modules are
+skipped by replacing their ``forward`` on the instance while the cache is attached (parameter
+names and hooks stay as they are, so a quantized student caches its own features and its timestep
+hook still sees each sampler timestep once per call).
 
 Which steps are full is a function of the ``timestep`` argument the network is called with (the
 sampler's schedule is known in advance), never of a call counter: ``uniform`` makes every
@@ -110,8 +110,8 @@ class DeepCache:
 
 
 def deep_modules(net: nn.Module, branch: int) -> list[tuple[str, nn.Module]]:
-    """The modules a partial step skips: down blocks ``branch…``, the mid block, and the up
-    blocks before the last ``branch`` ones."""
+    """The modules a partial step skips: down blocks ``branch…`` and the downsampler before them,
+    the mid block, and the up blocks before the last ``branch`` ones."""
     down, up = getattr(net, "down_blocks", None), getattr(net, "up_blocks", None)
     if not isinstance(down, nn.ModuleList) or not isinstance(up, nn.ModuleList):
         raise ValueError(f"cache=deepcache needs a U-Net (down_blocks / up_blocks); "
@@ -124,6 +124,10 @@ def deep_modules(net: nn.Module, branch: int) -> list[tuple[str, nn.Module]]:
                          f"branch must be in [1, {len(down) - 1}] (partial steps keep that many "
                          f"blocks on each side)")
     out = [(f"down_blocks.{i}", down[i]) for i in range(branch, len(down))]
+    # the last live down block's downsampler feeds only the deep part (the next down block and,
+    # through the skip tuple, the first deep up block): skipped too
+    for j, m in enumerate(getattr(down[branch - 1], "downsamplers", None) or ()):
+        out.append((f"down_blocks.{branch - 1}.downsamplers.{j}", m))
     if getattr(net, "mid_block", None) is not None:
         out.append(("mid_block", net.mid_block))
     out += [(f"up_blocks.{i}", up[i]) for i in range(len(up) - branch)]

@@ -196,6 +196,49 @@ def test_plms_repeated_timestep_keeps_the_trajectory(setup):
     torch.testing.assert_close(calls[3][1], calls[2][2])  # t2: the latest t1 features
 
 
+def test_cross_timestep_carry_under_deepcache(setup):
+    """With DeepCache attached the carry keeps working: at N = 1 sampling is bit-exact; at N = 3
+    the wrappers on the live (shallow) path blend the previous step at every step, those in the
+    cached deep part run — and blend the latest full step's features — only on full steps, and
+    a second trajectory starts afresh (the same images)."""
+    from lowbit.cache import DeepCache
+    from lowbit.sampling import build_scheduler
+
+    loaded, _, student = setup
+    s = copy.deepcopy(student)
+    wrappers = attach_cross_timestep(s, 4)  # up_blocks.1 (deep at branch 1), up_blocks.2 (live)
+    deep = [w for n, w in s.named_modules() if w in wrappers and n.startswith("up_blocks.1.")]
+    live = [w for n, w in s.named_modules() if w in wrappers and n.startswith("up_blocks.2.")]
+    assert len(deep) == 2 and len(live) == 2
+    blends: dict[int, list[int]] = {id(w): [] for w in wrappers}
+    for w in wrappers:
+        orig = w.alpha_for
+        w.alpha_for = lambda t, like, w=w, orig=orig: (blends[id(w)].append(int(t[0])),
+                                                        orig(t, like))[1]
+    den = loaded.with_net(s)
+    cfg = SamplerConfig(kind="ddim", steps=7, guidance_scale=2.0, batch_size=10)
+    timesteps = build_scheduler(loaded.noise_schedule, "ddim", 7).timesteps
+
+    def sample():
+        return sample_many(den, cfg, torch.arange(10), 10, seed=3, progress=False)
+
+    plain = sample()
+    with DeepCache(interval=1).attach(s, timesteps):
+        assert torch.equal(sample(), plain)
+    for v in blends.values():
+        v.clear()
+    with DeepCache(interval=3).attach(s, timesteps) as h:
+        a, b = sample(), sample()
+    assert h.calls == {"full": 6, "partial": 8}  # full steps 0, 3, 6 of 7, twice
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert not torch.equal(a, plain)
+    full_ts = [int(timesteps[i]) for i in (3, 6)]
+    for w in live:  # every step but each trajectory's first
+        assert blends[id(w)] == [int(t) for t in timesteps[1:]] * 2
+    for w in deep:  # full steps only; the previous one is the last full step's output
+        assert blends[id(w)] == full_ts * 2
+
+
 def test_spd_maps_are_normalised_patch_grams():
     torch.manual_seed(0)
     f = torch.randn(2, 8, 8, 8)

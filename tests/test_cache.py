@@ -66,10 +66,16 @@ def test_partial_step_equals_the_stock_blocks_on_the_cached_feature(branch):
         deep_in.setdefault("x", args[0])
 
     hook = first_live.register_forward_pre_hook(keep)
+    # the downsampler after the last live down block feeds only the deep part: skipped too
+    down_conv = net.down_blocks[branch - 1].downsamplers[0].conv
+    ran = []
+    down_conv.register_forward_hook(lambda *_: ran.append(1))
     with DeepCache(interval=2, branch=branch).attach(net, TIMESTEPS) as h, torch.no_grad():
         net(**{**base, "timestep": torch.full((2,), 900)})  # full: caches the deep part
         hook.remove()
+        assert len(ran) == 1
         got = net(**{**base, "timestep": torch.full((2,), 700)}).sample  # partial
+        assert len(ran) == 1
         want = _by_hand(net, base["sample"], torch.full((2,), 700), base["class_labels"],
                         branch, deep_in["x"])
     assert h.calls == {"full": 1, "partial": 1}
