@@ -154,3 +154,47 @@ def test_run_records_cache_costs_and_fidelity(make_cfg):
     assert 0 < res["metrics"]["psnr"] < 60
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert saved["cache"] == res["cache"]
+
+
+# the DeepCache recipes of the paper's real models: composed as shipped, then run for 2 samples
+# on the random-weight pipeline of their architecture written by the test
+RECIPES = {"sd15": ("sd_v1", {}, {"sampler.steps": 50, "sampler.guidance_scale": 7.5,
+                                  "cache.interval": 3, "cache.branch": 1}),
+           "ddpm_cifar10": ("ddpm_cifar10", {"block_out_channels": (32, 32, 32, 32)},
+                            {"sampler.steps": 100, "cache.interval": 5, "cache.branch": 1,
+                             "metrics.num_samples": 50000})}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_paper_recipes_compose_and_run(tmp_path, recipe):
+    from omegaconf import OmegaConf
+
+    from lowbit.cli import compose_config
+    from lowbit.models.presets import write_preset_pipeline
+    from lowbit.pipeline import run_experiment
+
+    preset, kw, paper = RECIPES[recipe]
+    folder = write_preset_pipeline(tmp_path / preset, preset, **kw)
+    extra = []
+    if preset == "sd_v1":
+        prompts = tmp_path / "captions.txt"
+        prompts.write_text("a red bus on a street\ntwo cats on a sofa\n")
+        extra = [f"dataset.path={prompts}"]
+    shipped = compose_config([f"experiment=deepcache/{recipe}", f"model.path={folder}", *extra],
+                             output_dir=tmp_path / "run")
+    for key, want in paper.items():
+        assert OmegaConf.select(shipped, key) == want, key
+    cfg = compose_config([f"experiment=deepcache/{recipe}", f"model.path={folder}", *extra,
+                          "model.resolution=32", "metrics.num_samples=2", "metrics.grid_size=2",
+                          "sampler.steps=6", "sampler.batch_size=2", "logger=none",
+                          "device=cpu", "threads=2"], output_dir=tmp_path / "run")
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    res = run_experiment(cfg)
+    assert res["status"] == "done"
+    assert res["cache"].startswith(f"deepcache(N={paper['cache.interval']},b=1")
+    c = res["cost"]
+    # 6 steps (PLMS evaluates its second timestep twice): every N-th of them full
+    calls = 7 if recipe == "sd15" else 6
+    assert c["cache_full_steps"] == -(-calls // paper["cache.interval"])
+    assert c["cache_full_steps"] + c["cache_partial_steps"] == calls and c["flops_x"] > 1
+    assert 0 < res["metrics"]["psnr"]  # compared with the uncached model on the same seeds
