@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -24,3 +25,28 @@ def make_cfg(tmp_path):
         return compose_config([*base, *overrides], output_dir=output_dir or tmp_path / "run")
 
     return _make
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def omp_threads():
+    """OMP_NUM_THREADS torch threads for a module (on a shared machine 1 can be faster); use with
+    ``pytestmark = pytest.mark.usefixtures("omp_threads")``."""
+    with _torch_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))):
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of small tensors (more threads spin-wait on a busy machine)."""
+    with _torch_threads(1):
+        yield

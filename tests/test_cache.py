@@ -197,4 +197,4 @@ def test_paper_recipes_compose_and_run(tmp_path, recipe):
     calls = 7 if recipe == "sd15" else 6
     assert c["cache_full_steps"] == -(-calls // paper["cache.interval"])
     assert c["cache_full_steps"] + c["cache_partial_steps"] == calls and c["flops_x"] > 1
-    assert 0 < res["metrics"]["psnr"]  # compared with the uncached model on the same seeds
+    assert res["metrics"]["psnr"] > 0  # compared with the uncached model on the same seeds

@@ -18,7 +18,6 @@ def _options(group: str) -> list[str]:
 
 def _valid_pair(group: str, option: str) -> list[str]:
     """Overrides that make ``group=option`` a runnable combination (method × bits)."""
-    import yaml
 
     if group == "model" and OmegaConf.is_missing(
             OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml"), "path"):

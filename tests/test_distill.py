@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import pytest
 import torch
@@ -31,13 +30,7 @@ from lowbit.train import (
 SAMPLER = SamplerConfig(kind="ddim", steps=10, guidance_scale=2.0, batch_size=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Honour OMP_NUM_THREADS (conftest sets 2 threads; on a shared machine 1 is faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("omp_threads")
 
 
 @pytest.fixture(scope="module")

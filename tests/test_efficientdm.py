@@ -4,7 +4,6 @@ ablation keys, and the fine-tune's effect on held-out FP trajectories."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,7 @@ FAST = ("sampler.steps=10", "method.calib_n=16", "method.calib_steps=10", "metho
 LR = {"efficientdm": ("experiment=digits/efficientdm",), "qat": ("experiment=digits/qat",)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("omp_threads")
 
 
 def _ctx(make_cfg, method, *overrides):

@@ -33,12 +33,7 @@ CALIB_T = (999, 600, 250, 20)
 FAST = {"weight": {"init": "minmax"}, "act": {"init": "minmax"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _net() -> nn.Module:

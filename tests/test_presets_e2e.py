@@ -98,7 +98,7 @@ def test_ptq_run_export_reload(tmp_path, family_data, preset):
     res = run(tmp_path, [*family_data[preset], "method=ptq", "bits=w8a8", "method.calib_n=4",
                          "method.calib_steps=2", "export=true"])
     assert res["status"] == "done"
-    assert 0 < res["metrics"]["mse"] and np.isfinite(res["metrics"]["psnr"])
+    assert res["metrics"]["mse"] > 0 and np.isfinite(res["metrics"]["psnr"])
     assert res["cost"]["bops"] > 0  # integer GEMMs counted as BOPs
     student = load_student(tmp_path / "run")
     assert any(p.numel() for p in student.parameters())
@@ -176,7 +176,7 @@ def test_method_run_export_reload(tmp_path, family_data, monkeypatch, method, pr
     res = run(tmp_path, [*family_data[preset], *METHODS[method], f"export={str(export).lower()}"])
     print(f"{method} on {preset}: {time.perf_counter() - t0:.1f} s")
     assert res["status"] == "done"
-    assert 0 < res["metrics"]["mse"] and np.isfinite(res["metrics"]["psnr"])
+    assert res["metrics"]["mse"] > 0 and np.isfinite(res["metrics"]["psnr"])
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 4
     if export:
         assert res["export"]["layers"]["int"] > 0, res["export"]

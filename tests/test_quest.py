@@ -3,7 +3,6 @@ FP trajectories."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,7 @@ FAST = ("sampler.steps=10", "method.calib_n=32", "method.calib_steps=10", "metho
         "method.cma.act_lr=3e-5", "method.checkpoint_every=10", "logger=none")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("omp_threads")
 
 
 def _ctx(make_cfg, *overrides):

@@ -13,7 +13,6 @@ training time as well as the resumed part.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,12 +60,7 @@ CASES = [("quest", "tla"), ("quest", "cma"), ("efficientdm", None), ("qat", None
 FAST = {("quest", "cma"), ("bidm", None), ("irqlora", None)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("omp_threads")
 
 
 class Interrupt(RuntimeError):

@@ -5,7 +5,6 @@ named seed streams, loggers."""
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 
@@ -44,12 +43,7 @@ from lowbit.train.losses import DiffusionLoss
 SAMPLER = SamplerConfig(kind="ddim", steps=5, guidance_scale=2.0, batch_size=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", before)))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("omp_threads")
 
 
 class Interrupt(RuntimeError):
