@@ -28,7 +28,13 @@ from lowbit.quant import QuantModuleMixin, bits_label, run_bits
 from lowbit.rundir import RESULTS, STUDENT, Attempt
 from lowbit.sampling import (NonFiniteError, SamplerConfig, build_scheduler, check_scheduler,
                              sample_many)
-from lowbit.tracking import WandbRun, image_grid_uint8, read_results, write_json_atomic
+from lowbit.tracking import (
+    WandbRun,
+    image_grid_uint8,
+    read_results,
+    upscale_nearest,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,8 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     sample_dir = attempt.path(rundir.SAMPLES)  # a fresh folder: the metrics read these n files
     save_png_folder(images, sample_dir, labels)
     grid = image_grid_uint8(images[: int(cfg.metrics.grid_size)], nrow=model.num_classes or 10)
+    # small samples (16×16 digits) enlarged with nearest-neighbour: a grid readable at a glance
+    grid = torch.from_numpy(upscale_nearest(grid.numpy(), 64, int(images.shape[-1])))
     from PIL import Image
 
     Image.fromarray(grid.numpy()).save(attempt.path(rundir.GRID))

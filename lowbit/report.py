@@ -1,4 +1,6 @@
-"""``lowbit-report <sweep dir>``: the jobs' results.json files as one markdown table and a CSV.
+"""``lowbit-report <sweep dir>``: the jobs' results.json files as one markdown table and a CSV;
+``--plot`` adds the sweep's figures as PNG files (:mod:`lowbit.plots`), ``--wandb-project`` logs
+them with the table to W&B.
 
 Jobs whose configs differ only in ``seed`` are one row: every metric and cost column is the mean
 over the seeds with its sample standard deviation (``12.3 ± 0.4`` in the table; ``fid`` and
@@ -21,12 +23,11 @@ from pathlib import Path
 from lowbit.rundir import RESULTS, fingerprint, result_config
 
 # leading columns, in this order; metrics and costs follow
-ID_COLS = ["job", "model", "method", "bits", "dataset", "sampler", "status", "seed", "n"]
+ID_COLS = ["job", "model", "method", "bits", "dataset", "sampler", "cache", "status", "seed", "n"]
 #: a row's key for the jobs it may be averaged with (not a column)
 GROUP_KEY = "_group"
-COST_COLS = ["size_mb", "size_x", "ops", "ops_x", "calib_s", "finetune_s", "train_s", "sample_s",
-             "sample_x_fp",
-             "total_s", "peak_mem_mb",
+COST_COLS = ["size_mb", "size_x", "ops", "ops_x", "flops_x", "cache_speedup", "calib_s",
+             "finetune_s", "train_s", "sample_s", "sample_x_fp", "total_s", "peak_mem_mb",
              "trainable_params"]
 
 
@@ -228,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--per-seed", action="store_true",
                    help="one row per job instead of one per config (mean ± std over its seeds)")
+    p.add_argument("--plot", action="store_true",
+                   help="also write the sweep's figures (metric against bits, cost against "
+                        "metric with the Pareto front, speed-up against metric, sample grids)")
+    p.add_argument("--plot-dir", type=Path, default=None,
+                   help="where the figures go (default <sweep_dir>/plots)")
+    p.add_argument("--wandb-project", default=None,
+                   help="log the table (and the figures with --plot) to this W&B project; "
+                        "offline unless WANDB_MODE says otherwise")
     args = p.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"lowbit-report: {args.sweep_dir} is not a folder; pass the sweep's output folder "
@@ -246,7 +255,36 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, cols, args.csv or args.sweep_dir / "results.csv")
     if args.md:
         args.md.write_text(table + "\n")
+    figures = []
+    if args.plot:
+        from lowbit.plots import plot_sweep
+
+        figures = plot_sweep(args.sweep_dir, args.plot_dir)
+        print(f"\n{len(figures)} figures in {args.plot_dir or args.sweep_dir / 'plots'}")
+    if args.wandb_project:
+        _log_wandb(args.wandb_project, args.sweep_dir, rows, cols, figures)
     return 0
+
+
+def _log_wandb(project: str, sweep_dir: Path, rows: list[dict], cols: list[str],
+               figures: list[Path]) -> None:
+    """One W&B run for the report: the table and the figures (offline by default)."""
+    import os
+
+    from lowbit.tracking import WandbRun
+
+    run = WandbRun(True, project=project, name=f"report-{Path(sweep_dir).name}",
+                   job_type="report", mode=os.environ.get("WANDB_MODE", "offline"),
+                   dir=str(sweep_dir))
+    if run.run is None:
+        return
+    import wandb
+
+    data = [[str(r.get(c)) if isinstance(r.get(c), MeanStd) else r.get(c) for c in cols]
+            for r in rows]
+    run.log({"report": wandb.Table(columns=cols, data=data),
+             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    run.finish()
 
 
 if __name__ == "__main__":

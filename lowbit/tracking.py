@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,15 @@ def image_grid_uint8(images_u8: torch.Tensor, nrow: int) -> torch.Tensor:
 
     grid = make_grid(images_u8.float(), nrow=nrow, padding=1, pad_value=255.0)
     return grid.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def upscale_nearest(img: np.ndarray, min_tile: int = 64, tile: int | None = None) -> np.ndarray:
+    """``img`` [H, W(, C)] enlarged by an integer factor with nearest-neighbour, so that a tile of
+    ``tile`` pixels (default: the image's shorter side) becomes at least ``min_tile`` — a grid of
+    16×16 digits readable at a glance."""
+    side = tile or min(img.shape[:2])
+    k = max(1, math.ceil(min_tile / max(side, 1)))
+    return img.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else img
 
 
 class WandbRun:

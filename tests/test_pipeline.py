@@ -47,7 +47,10 @@ def test_results_json_schema_and_artifacts(fp_run):
     assert {"sample_s", "total_s", "peak_mem_mb", "size_mb"} <= set(on_disk["cost"])
 
     assert len(list(Path(out, "samples").glob("*.png"))) == 200
-    assert Path(out, "grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(Path(out, "grid.png")) as grid:  # 16×16 digits enlarged to 64×64 tiles
+        assert min(grid.size) >= 10 * 64
     assert list(Path(out, "wandb").glob("offline-run-*")), "an offline W&B run was written"
 
 
