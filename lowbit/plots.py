@@ -3,7 +3,7 @@
 A sweep folder (``lowbit -m ...``'s output, or any folder of runs) becomes a pandas DataFrame with
 :func:`load_sweep`: one row per configuration, every numeric column averaged over its seeds with
 ``<col>_std`` beside it (the same grouping as ``lowbit-report``), plus the weight/activation bit
-widths parsed from the ``bits`` preset. The plotting functions take that frame:
+widths parsed from the ``bits`` preset; :func:`load_wandb_project` reads the same from W&B. The plotting functions take that frame:
 
 - :func:`plot_metric_vs_bits`: a metric against the bit width, one line per method, seed error bars;
 - :func:`plot_pareto`: a cost (model size, OPs, sampling time over FP, ...) against a metric, the
@@ -23,17 +23,14 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; notebooks display the returned figures inline themselves
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from lowbit.report import MeanStd, aggregate, collect  # noqa: E402
-from lowbit.rundir import GRID  # noqa: E402
-from lowbit.tracking import upscale_nearest  # noqa: E402
+from lowbit.report import MeanStd, aggregate, collect, result_row
+from lowbit.rundir import GRID
+from lowbit.tracking import upscale_nearest
 
 #: metrics where lower is better (the rest: higher is better)
 LOWER_IS_BETTER = {"fid", "kid", "sfid", "mse", "eps_mse", "eps_mse_weighted", "feat_dist",
@@ -59,6 +56,42 @@ def load_sweep(sweep_dir: str | Path, per_seed: bool = False) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no results.json under {sweep_dir}: pass a sweep's output "
                                 f"folder (hydra.sweep.dir) whose jobs have finished")
+    df = _frame(rows, per_seed)
+    df.attrs["sweep_dir"] = str(sweep_dir)
+    return df
+
+
+def load_wandb_project(project: str, entity: str | None = None, per_seed: bool = False,
+                       api: object | None = None) -> pd.DataFrame:
+    """The runs of a W&B project (needs the network and a login) as :func:`load_sweep`'s
+    columns: each run's summary holds its ``metrics/*`` and ``cost/*`` and its identity (model,
+    method, bits, sampler, cache, status); its config is the run's resolved config, which groups
+    the seeds. ``api``: a ``wandb.Api()`` (default: a new one)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    rows = []
+    for run in api.runs(path):
+        summary = dict(run.summary)
+        if "status" not in summary:
+            continue  # not a lowbit job (e.g. a report run)
+        res = {k: summary.get(k) for k in ("model", "method", "bits", "dataset", "sampler",
+                                           "cache", "status", "seed")}
+        res["metrics"] = {k.split("/", 1)[1]: v for k, v in summary.items()
+                          if k.startswith("metrics/")}
+        res["cost"] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("cost/")}
+        res["config"] = dict(run.config)
+        rows.append({"job": run.name, **result_row(res)})
+    if not rows:
+        raise FileNotFoundError(f"no lowbit runs in the W&B project {path}")
+    df = _frame(rows, per_seed)
+    df.attrs["wandb_project"] = path
+    return df
+
+
+def _frame(rows: list[dict], per_seed: bool) -> pd.DataFrame:
     if not per_seed:
         rows = aggregate(rows)
     flat = []
@@ -73,9 +106,7 @@ def load_sweep(sweep_dir: str | Path, per_seed: bool = False) -> pd.DataFrame:
                 d[k] = v
         d["w_bits"], d["a_bits"] = bit_widths(d.get("bits"))
         flat.append(d)
-    df = pd.DataFrame(flat)
-    df.attrs["sweep_dir"] = str(sweep_dir)
-    return df
+    return pd.DataFrame(flat)
 
 
 def label(row: pd.Series) -> str:

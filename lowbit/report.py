@@ -41,7 +41,8 @@ def collect(sweep_dir: Path) -> list[dict]:
             continue  # staging folders and failed attempts are not results
         job = _job_name(path, sweep_dir)
         try:
-            rows.append({"job": job, **_row(json.loads(path.read_text(errors="replace")))})
+            res = json.loads(path.read_text(errors="replace"))
+            rows.append({"job": job, **result_row(res)})
         except (OSError, ValueError, TypeError, AttributeError) as e:
             rows.append({"job": job, "status": "unreadable",
                          "error": f"{path.name}: {type(e).__name__}: {e}"[:300]})
@@ -49,7 +50,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r.get("method") != "fp")
 
 
-def _row(res: object) -> dict:
+def result_row(res: object) -> dict:
+    """One results.json (a dict) as a report row: its identity, metrics and cost columns."""
     if not isinstance(res, dict):
         raise TypeError(f"a JSON {type(res).__name__}, not an object")
     metrics, cost = res.get("metrics") or {}, res.get("cost") or {}
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         args.md.write_text(table + "\n")
     figures = []
     if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only
         from lowbit.plots import plot_sweep
 
         figures = plot_sweep(args.sweep_dir, args.plot_dir)

@@ -137,7 +137,10 @@ class WandbRun:
             row = [results.get(c) for c in cols[:4]] + list(results.get("metrics", {}).values())
             flat["results"] = wandb.Table(columns=cols, data=[row])
             self.run.log(flat)
-            self.run.summary.update(flat | {"status": results.get("status")})
+            # the run's identity too: lowbit.plots.load_wandb_project reads a project back
+            ident = {k: results.get(k) for k in ("model", "method", "bits", "dataset", "sampler",
+                                                 "cache", "seed")}
+            self.run.summary.update(flat | ident | {"status": results.get("status")})
         except Exception as e:  # noqa: BLE001
             self._fail("log_results", e)
 

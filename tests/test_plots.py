@@ -100,3 +100,37 @@ def test_report_plot_flag_and_wandb(sweep, tmp_path, monkeypatch, capsys):
     assert "| cache |" in out.splitlines()[0]
     assert (tmp_path / "figs" / "fid_vs_bits.png").is_file()
     assert list((sweep / "wandb").glob("offline-run-*")), "the report's W&B run"
+
+
+class _Run:
+    def __init__(self, name, summary, config):
+        self.name, self.summary, self.config = name, summary, config
+
+
+class _Api:
+    """What load_wandb_project reads of ``wandb.Api()``: ``runs(path)``."""
+
+    def __init__(self, sweep: Path):
+        self.runs_ = []
+        for path in sorted(sweep.rglob(RESULTS)):
+            res = json.loads(path.read_text())
+            summary = {f"metrics/{k}": v for k, v in res["metrics"].items()}
+            summary |= {f"cost/{k}": v for k, v in res["cost"].items()}
+            summary |= {k: res[k] for k in ("model", "method", "bits", "sampler", "cache", "seed",
+                                            "status")}
+            self.runs_.append(_Run(path.parent.name, summary, res["config"]))
+        self.runs_.append(_Run("report-sweep", {"report": "table"}, {}))  # not a job
+
+    def runs(self, path):
+        assert path == "me/lowbit"
+        return self.runs_
+
+
+def test_wandb_project_reads_like_the_sweep(sweep):
+    from lowbit.plots import load_wandb_project
+
+    a = load_sweep(sweep).sort_values(["method", "bits", "cache"]).reset_index(drop=True)
+    b = load_wandb_project("lowbit", "me", api=_Api(sweep)).sort_values(
+        ["method", "bits", "cache"]).reset_index(drop=True)
+    for col in ("method", "bits", "cache", "n", "fid", "fid_std", "size_mb"):
+        assert list(a[col]) == list(b[col]), col
