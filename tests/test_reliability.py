@@ -1,4 +1,4 @@
-"""Runs never record a wrong result (issue 17): one attempt per run folder, config fingerprints on
+"""Runs never record a wrong result: one attempt per run folder, config fingerprints on
 results, students and checkpoints, NaN guards, errors before compute, a report that survives bad
 files. Every case is reproduced with tiny settings; each asserts the exact behaviour."""
 
@@ -182,7 +182,7 @@ def test_skip_only_when_the_fingerprint_matches(done_run, tmp_path, no_compute):
 
 
 def test_force_rerun_measures_only_its_own_samples(done_run, tmp_path):
-    """Issue case 2: fewer samples with force=true → exactly those samples, the FID of a fresh
+    """Case: fewer samples with force=true → exactly those samples, the FID of a fresh
     run with them."""
     from lowbit.cli import compose_config
 
@@ -197,7 +197,7 @@ def test_force_rerun_measures_only_its_own_samples(done_run, tmp_path):
 
 
 def test_failed_force_rerun_leaves_the_folder_as_it_was(tmp_path, make_cfg, monkeypatch):
-    """Issue case 3: a done ptq w8a8 folder, a w4a8 force=true re-run failing after it saved its
+    """Case: a done ptq w8a8 folder, a w4a8 force=true re-run failing after it saved its
     student → results, student, samples, grid unchanged; export packs the w8a8 student."""
     import lowbit.pipeline as pipeline
     from lowbit.export import export_run
@@ -517,7 +517,7 @@ def _preset_fid(tmp_path: Path, preset: str, n: int) -> float:
 
 
 def test_dpm_solver_stays_in_the_data_range():
-    """Issue case 5: DPM-Solver on the built-in model's squaredcos_cap_v2 schedule left 99.9 % of
+    """Case: DPM-Solver on the built-in model's squaredcos_cap_v2 schedule left 99.9 % of
     pixels outside [-1, 1] (absmax 3588). With clip_sample mapped to its thresholding, the final
     sample is a clamped x̂_0: inside the clip range by construction."""
     from lowbit.models.digits import load_digits_model

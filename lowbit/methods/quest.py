@@ -13,7 +13,7 @@ cached FP calibration trajectories (data-free):
 
 Run in order (``method.stages``), the two stages optimise the paper's L_TLA + L_CMA + 2·L_global.
 Weight quantizer Δ stay fixed. Quantizers switch with the model's real ``timestep`` argument (the
-timestep hook), not QuEST's hard-coded ``i % 10`` counter (issue #17).
+timestep hook), not the reference code's hard-coded ``i % 10`` counter.
 """
 
 from __future__ import annotations
