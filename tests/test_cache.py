@@ -154,6 +154,12 @@ def test_run_records_cache_costs_and_fidelity(make_cfg):
     assert 0 < res["metrics"]["psnr"] < 60
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert saved["cache"] == res["cache"]
+    # deterministic like every run: a forced re-run gives the same images and metrics
+    again = run_experiment(make_cfg("cache=deepcache", "cache.interval=5",
+                                    "metrics.num_samples=40", "sampler.steps=10", "logger=none",
+                                    "force=true", output_dir=cfg.paths.output_dir))
+    for k in ("fid", "psnr", "cond_acc"):
+        assert again["metrics"][k] == res["metrics"][k], k
 
 
 # the DeepCache recipes of the paper's real models: composed as shipped, then run for 2 samples
