@@ -314,29 +314,48 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
     return images
 
 
+#: timing batches of ``_time_vs_fp`` / ``cache_speedup``: at most this many samples, each side
+#: timed this many times alternately, the fastest kept (interference from other processes only
+#: ever adds time)
+TIMING_BATCH, TIMING_REPEATS = 64, 2
+
+
+def _paired_times(a, b, repeats: int = TIMING_REPEATS) -> tuple[float, float]:
+    """Wall times of ``a()`` and ``b()``, run alternately ``repeats`` times: the minimum of each."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def _timing_batch(sampler: SamplerConfig, cond: torch.Tensor | None, n: int
+                  ) -> tuple[SamplerConfig, torch.Tensor | None, int]:
+    m = min(sampler.batch_size, n, TIMING_BATCH)
+    return dataclasses.replace(sampler, batch_size=m), cond[:m] if cond is not None else None, m
+
+
 def _time_vs_fp(model: Denoiser, teacher: torch.nn.Module, student: torch.nn.Module,
                 cache: DeepCache | None, sampler: SamplerConfig, cond: torch.Tensor | None,
                 n: int, seed: int) -> dict[str, float]:
-    """One sampling batch of the FP model, then one of the student (with its feature cache, if
-    any), back to back on the same seed and machine load: ``sample_x_fp`` = student time / FP
-    time. Warm-up excluded: the student's weights are already quantized and cached by the run's
-    sampling, and the FP model gets one untimed step first."""
-    m = min(sampler.batch_size, n)
-    c = cond[:m] if cond is not None else None
-    one = dataclasses.replace(sampler, batch_size=m)
-    fp = model.with_net(teacher)
-    sample_many(fp, dataclasses.replace(one, steps=1), c, m, seed=seed, progress=False)
-    t0 = time.perf_counter()
-    sample_many(fp, one, c, m, seed=seed, progress=False)
-    fp_s = time.perf_counter() - t0
-    quant = model.with_net(student)
+    """Sampling batches of the FP model and of the student (with its feature cache, if any),
+    alternately on the same seed and machine (:func:`_paired_times`): ``sample_x_fp`` = student
+    time / FP time. The student's weights are already quantized and cached by the run's
+    sampling."""
+    one, c, m = _timing_batch(sampler, cond, n)
+    fp, quant = model.with_net(teacher), model.with_net(student)
     timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
-    with contextlib.ExitStack() as stack:
-        if cache is not None:
-            stack.enter_context(cache.attach(student, timesteps))
-        t0 = time.perf_counter()
-        sample_many(quant, one, c, m, seed=seed, progress=False)
-        student_s = time.perf_counter() - t0
+
+    def run_student():
+        with contextlib.ExitStack() as stack:
+            if cache is not None:
+                stack.enter_context(cache.attach(student, timesteps))
+            sample_many(quant, one, c, m, seed=seed, progress=False)
+
+    fp_s, student_s = _paired_times(
+        lambda: sample_many(fp, one, c, m, seed=seed, progress=False), run_student)
     return {"sample_batch_fp_s": fp_s, "sample_batch_s": student_s,
             "sample_x_fp": student_s / max(fp_s, 1e-12)}
 
@@ -346,7 +365,8 @@ def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,
                    ) -> tuple[torch.Tensor, float, dict]:
     """Sample with the feature cache attached; costs measured, not estimated: FLOPs of one full
     and one partial call (torch's FlopCounterMode, per sample) averaged over the schedule, and
-    the wall time of one batch with and without the cache on the same seed (``cache_speedup``)."""
+    the wall time of a batch without and with the cache, alternately on the same seed
+    (``cache_speedup``, :func:`_paired_times`)."""
     from lowbit.metrics.cost import example_inputs
 
     timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
@@ -365,21 +385,20 @@ def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,
     n_full = sum(int(t) in handle.full for t in timesteps)
     n_part = len(timesteps) - n_full
     avg = (n_full * flops["full"] + n_part * (flops["partial"] or 0)) / len(timesteps)
-    m = min(sampler.batch_size, n)
-    c = cond[:m] if cond is not None else None
-    one = dataclasses.replace(sampler, batch_size=m)
-    t0 = time.perf_counter()
-    sample_many(model, one, c, m, seed=seed, progress=False)
-    plain = time.perf_counter() - t0
-    with cache.attach(model.net, timesteps):
-        t0 = time.perf_counter()
-        sample_many(model, one, c, m, seed=seed, progress=False)
-        cached = time.perf_counter() - t0
+    one, c, m = _timing_batch(sampler, cond, n)
+
+    def cached():
+        with cache.attach(model.net, timesteps):
+            sample_many(model, one, c, m, seed=seed, progress=False)
+
+    plain_s, cached_s = _paired_times(
+        lambda: sample_many(model, one, c, m, seed=seed, progress=False), cached)
     return x0, sample_s, {
         "cache_calls": calls, "cache_full_steps": n_full, "cache_partial_steps": n_part,
         "flops_full_step": flops["full"], "flops_partial_step": flops["partial"],
         "flops_per_step": avg, "flops_x": flops["full"] / max(avg, 1e-12),
-        "cache_speedup": plain / max(cached, 1e-12)}
+        "cache_batch_s": plain_s, "cache_batch_cached_s": cached_s,
+        "cache_speedup": plain_s / max(cached_s, 1e-12)}
 
 
 @torch.no_grad()

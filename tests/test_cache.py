@@ -204,3 +204,14 @@ def test_paper_recipes_compose_and_run(tmp_path, recipe):
     assert c["cache_full_steps"] == -(-calls // paper["cache.interval"])
     assert c["cache_full_steps"] + c["cache_partial_steps"] == calls and c["flops_x"] > 1
     assert res["metrics"]["psnr"] > 0  # compared with the uncached model on the same seeds
+
+
+def test_paired_times_alternate_and_keep_the_fastest(monkeypatch):
+    """Interference only adds time: each side's fastest of its alternating repeats is kept."""
+    import lowbit.pipeline as pipeline
+
+    clock = iter([0.0, 5.0, 5.0, 8.0, 8.0, 12.0, 12.0, 14.0])  # a: 5, 4; b: 3, 2
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    order = []
+    a, b = pipeline._paired_times(lambda: order.append("a"), lambda: order.append("b"), 2)
+    assert order == ["a", "b", "a", "b"] and (a, b) == (4.0, 2.0)
