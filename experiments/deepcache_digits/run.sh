@@ -39,9 +39,4 @@ for part in ${@:-fp ptq quest}; do
   esac
 done
 echo "wall time: $(( $(date +%s) - start )) s"
-lowbit-report $out/sweep --md $out/table.md --csv $out/results.csv
-find $out/sweep -mindepth 2 \( -name samples -o -name .hydra -o -name checkpoints \
-     -o -name wandb -o -name train_logs -o -name adaround -o -name '.staging-*' \) -type d \
-     -prune -exec rm -rf {} +
-find $out/sweep -mindepth 2 \( -name '*.log' -o -name student.safetensors -o -name .lock \
-     -o -name multirun.yaml -o -name attempt.json -o -name quant_map.json \) -delete
+bash experiments/finish_sweep.sh $out

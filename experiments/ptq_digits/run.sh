@@ -12,10 +12,4 @@ lowbit -m method=fp "${common[@]}" hydra.sweep.dir=$out/sweep/fp
 lowbit -m method=ptq bits=w8a8 "${common[@]}" hydra.sweep.dir=$out/sweep/naive
 lowbit -m method=ptq bits=w4a4 "${common[@]}" hydra.sweep.dir=$out/sweep/naive_w4a4
 echo "wall time: $(( $(date +%s) - start )) s"
-lowbit-report $out/sweep --md $out/table.md --csv $out/results.csv
-# keep results.json and grid.png of each job: drop samples, Hydra files and logs
-find $out/sweep -mindepth 2 \( -name samples -o -name .hydra -o -name checkpoints \
-     -o -name wandb -o -name train_logs -o -name adaround -o -name '.staging-*' \) -type d \
-     -prune -exec rm -rf {} +
-find $out/sweep -mindepth 2 \( -name '*.log' -o -name student.safetensors -o -name .lock \
-     -o -name multirun.yaml -o -name attempt.json -o -name quant_map.json \) -delete
+bash experiments/finish_sweep.sh $out

@@ -23,9 +23,4 @@ lowbit -m experiment=digits/quest 'method.stages=[tla]' "${common[@]}" \
 lowbit -m experiment=digits/quest +method.bits_rules.skip_fp=true "${common[@]}" \
   hydra.sweep.dir=$out/sweep/quest_fpskip
 echo "wall time: $(( $(date +%s) - start )) s"
-lowbit-report $out/sweep --md $out/table.md --csv $out/results.csv
-find $out/sweep -mindepth 2 \( -name samples -o -name .hydra -o -name checkpoints \
-     -o -name wandb -o -name train_logs -o -name adaround -o -name '.staging-*' \) -type d \
-     -prune -exec rm -rf {} +
-find $out/sweep -mindepth 2 \( -name '*.log' -o -name student.safetensors -o -name .lock \
-     -o -name multirun.yaml -o -name attempt.json -o -name quant_map.json \) -delete
+bash experiments/finish_sweep.sh $out
