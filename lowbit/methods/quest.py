@@ -27,8 +27,8 @@ from typing import Any
 from torch import nn
 
 from lowbit.methods.base import Method, MethodContext
-from lowbit.models.adapter import FAMILIES
 from lowbit.methods.ptq import CalibParams, calibration_set, quant_config
+from lowbit.models.adapter import FAMILIES
 from lowbit.train import (
     CachedTrajectoryData,
     LayerMSE,
@@ -115,9 +115,11 @@ class QuEST(Method):
 
     # -- what each stage trains ---------------------------------------------------------------------
     def stage_groups(self, student: nn.Module, stage: str, model_name: str,
-                     family: str | None = None
+                     family: str | None = None, model_critical: list[str] | None = None
                      ) -> tuple[list[ParamGroup], LayerMSE | None]:
-        """Parameter groups and local loss of ``stage`` (``tla`` | ``cma``)."""
+        """Parameter groups and local loss of ``stage`` (``tla`` | ``cma``). The critical layers
+        are the model config's ``quest_critical_layers`` (``model_critical``) when it names them,
+        else ``critical_layers``' entry for the model name or family."""
         p = self.params
         temporal = list(p.temporal_layers)
         if stage == "tla":
@@ -133,7 +135,8 @@ class QuEST(Method):
             layers = temporal
         else:
             sc = p.cma
-            critical = family_layers(p.critical_layers, model_name, family)
+            critical = (list(model_critical) if model_critical
+                        else family_layers(p.critical_layers, model_name, family))
             # all activation Δ except the time-embedding ones (the TLA stage's, and the MLP's)
             not_temporal = [*temporal, *p.time_embedding_layers]
             ex = list(p.act_param_exclude)
@@ -165,11 +168,13 @@ class QuEST(Method):
         ctx.report.update(info.report())
 
         model_name = str(ctx.cfg.model.name)
+        model_critical = ctx.cfg.model.get("quest_critical_layers")
         seed = int(ctx.cfg.seed)
         stats, trainable_ids, t_fit = {}, set(), 0.0
         for stage in self.stages:
             sc = getattr(p, stage)
-            groups, local = self.stage_groups(student, stage, model_name, ctx.model.family)
+            groups, local = self.stage_groups(student, stage, model_name, ctx.model.family,
+                                              model_critical)
             terms = [TeacherMSE(sc.global_weight)]
             if local is not None:
                 terms.append(local.resolve(student, teacher))

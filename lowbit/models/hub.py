@@ -8,7 +8,8 @@ The family is detected from the pipeline's components (``model_index.json``):
   extra index after them), latent;
 - ``unet`` = ``UNet2DModel``: unconditional, or class-conditional when it has class embeddings
   (``model.num_classes`` / ``model.null_class`` say which index is the null class); latent when a
-  ``vae`` (``AutoencoderKL`` or ``VQModel``, LDM) is present, pixel space otherwise (DDPM).
+  ``vae`` (``AutoencoderKL``) or ``vqvae`` (``VQModel``: diffusers' ``LDMPipeline`` names its
+  autoencoder so) is present, pixel space otherwise (DDPM).
 
 The noise schedule is the pipeline's own scheduler config. Nothing is downloaded when
 ``HF_HUB_OFFLINE=1``: a hub id must then be in the local cache, or the error says how to fetch it.
@@ -27,6 +28,8 @@ from lowbit.config import ConfigError
 from lowbit.models.adapter import Denoiser
 
 NETWORK_KEYS = ("unet", "transformer")
+# the autoencoder of a latent pipeline: ``vae`` (Stable Diffusion, DiT), ``vqvae`` (LDMPipeline)
+AUTOENCODER_KEYS = ("vae", "vqvae")
 # scheduler-config keys that describe the training noise schedule (samplers are built from them)
 _PRIVATE = ("_class_name", "_diffusers_version")
 
@@ -98,7 +101,8 @@ def load_diffusers(path: str, name: str = "", num_classes: int | None = None,
         raise ConfigError("model.path", str(path), "the pipeline has neither a unet nor a "
                           "transformer", "give a diffusion pipeline folder")
     net = _component(folder, key, index[key], dtype)
-    vae = _component(folder, "vae", index.get("vae"), dtype)
+    vae_key = next((k for k in AUTOENCODER_KEYS if index.get(k) and index[k][0]), "vae")
+    vae = _component(folder, vae_key, index.get(vae_key), dtype)
     schedule = _noise_schedule(_component(folder, "scheduler", index.get("scheduler"), None))
     cfg = net.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
