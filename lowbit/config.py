@@ -101,9 +101,14 @@ def _check_metrics(cfg: DictConfig) -> None:
         if item is None:
             continue
         need = MIN_SAMPLES.get(str(item.get("_target_")), 1)
+        if str(item.get("_target_")).endswith("InceptionMetrics"):  # FID, IS splits, PR's k
+            need = max(2, int(item.get("is_splits", 10)) if item.get("inception_score", True)
+                       else 1, int(item.get("pr_k", 3)) + 1 if item.get("precision_recall", True)
+                       else 1)
         if n < need:
             raise ConfigError("metrics.num_samples", n, f"metrics.items.{name} needs at least "
-                              f"{need} samples (a Fréchet distance needs a sample covariance)",
+                              f"{need} samples (a Fréchet distance needs a sample "
+                              f"covariance; IS its splits; precision/recall k + 1)",
                               f"pass metrics.num_samples={max(need, 50)} or more (FID is biased "
                               f"high below a few hundred)")
 
