@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,43 @@ def upscale_nearest(img: np.ndarray, min_tile: int = 64, tile: int | None = None
     return img.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else img
 
 
+@dataclass
+class SampleTable:
+    """The first samples of a run with what they were drawn for (a class label or a prompt) and
+    per-sample scores (PSNR to the FP sample of the same seed, CLIP score …): the W&B table of
+    samples and the grid's caption."""
+
+    images: torch.Tensor | None  # uint8 [N, C, H, W]
+    conditions: list[str] = field(default_factory=list)  # "" when unconditional
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    nrow: int = 10
+
+    def grid_caption(self, limit: int = 400) -> str:
+        """The grid's conditions row by row ("row 1: 0 1 2 …" for labels, prompts numbered)."""
+        if not any(self.conditions):
+            return "generated samples"
+        if all(c.startswith("class ") for c in self.conditions):
+            rows = [" ".join(c[len("class "):] for c in self.conditions[i : i + self.nrow])
+                    for i in range(0, len(self.conditions), self.nrow)]
+            text = "; ".join(f"row {r + 1}: {row}" for r, row in enumerate(rows))
+        else:
+            text = " | ".join(f"{i}: {c}" for i, c in enumerate(self.conditions))
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+    def wandb_table(self) -> Any:
+        import wandb
+
+        cols = ["index", "image", "condition", *self.scores]
+        data = []
+        for i, img in enumerate(self.images):
+            arr = img.permute(1, 2, 0).numpy()
+            arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+            cond = self.conditions[i] if i < len(self.conditions) else ""
+            data.append([i, wandb.Image(upscale_nearest(arr, 64), caption=cond), cond,
+                         *(v[i] for v in self.scores.values())])
+        return wandb.Table(columns=cols, data=data)
+
+
 class WandbRun:
     """One W&B run per job. Every call is guarded: W&B failing only produces a warning."""
 
@@ -122,7 +160,8 @@ class WandbRun:
         except Exception as e:  # noqa: BLE001
             self._fail("log", e)
 
-    def log_results(self, results: dict, grid_u8: torch.Tensor | None) -> None:
+    def log_results(self, results: dict, grid_u8: torch.Tensor | None,
+                    samples: SampleTable | None = None) -> None:
         if self.run is None:
             return
         try:
@@ -132,7 +171,10 @@ class WandbRun:
             flat.update({f"cost/{k}": v for k, v in results.get("cost", {}).items()
                          if isinstance(v, (int, float))})
             if grid_u8 is not None:
-                flat["samples"] = wandb.Image(grid_u8.numpy(), caption="generated samples")
+                caption = samples.grid_caption() if samples is not None else "generated samples"
+                flat["samples"] = wandb.Image(grid_u8.numpy(), caption=caption)
+            if samples is not None and samples.images is not None:
+                flat["sample_table"] = samples.wandb_table()
             cols = ["model", "method", "bits", "sampler", *results.get("metrics", {})]
             row = [results.get(c) for c in cols[:4]] + list(results.get("metrics", {}).values())
             flat["results"] = wandb.Table(columns=cols, data=[row])

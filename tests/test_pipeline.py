@@ -86,24 +86,35 @@ def test_results_go_to_the_wandb_run_of_the_training_curves(make_cfg, monkeypatc
 
     from lowbit.train.fit import build_loggers
 
-    calls = []
+    calls, logged = [], []
 
     class Recorder:
         def __init__(self, **kwargs):
             calls.append(kwargs)
+            self.summary = {}
 
-        def log(self, *a, **k):
-            pass
+        def log(self, data, *a, **k):
+            logged.append(data)
 
-        def finish(self):
+        def finish(self, *a, **k):
             pass
 
     monkeypatch.setattr(wandb, "init", lambda **kw: Recorder(**kw))
-    cfg = make_cfg("metrics.num_samples=20", "sampler=ddim20", "sampler.steps=3", "logger=wandb")
-    run_experiment(cfg)
+    cfg = make_cfg("metrics.num_samples=20", "sampler=ddim20", "sampler.steps=3", "logger=wandb",
+                   "metrics.grid_size=12", "method=ptq", "bits=w8a8", "time_vs_fp=false")
+    results = run_experiment(cfg)
     assert len(calls) == 1 and calls[0]["resume"] == "allow"
     train_logger = build_loggers(cfg, Path(cfg.paths.output_dir))[1]
     assert calls[0]["id"] == train_logger._wandb_init["id"]
+    # the grid captioned with its labels row by row, and a table of the grid's samples with their
+    # label and PSNR to the FP sample of the same seed
+    (data,) = logged
+    assert data["samples"]._caption.startswith("row 1: 0 1 2 3 4 5 6 7 8 9; row 2: 0 1")
+    table = data["sample_table"]
+    assert table.columns == ["index", "image", "condition", "psnr_to_fp"]
+    assert len(table.data) == 12 and table.data[3][2] == "class 3"
+    psnr = [row[3] for row in table.data]
+    assert min(psnr) > 20 and abs(sum(psnr) / 12 - results["metrics"]["psnr"]) < 10
 
 
 def test_peak_memory_is_per_run_not_per_process():

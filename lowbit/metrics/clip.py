@@ -197,6 +197,7 @@ class ClipScore(Metric):
                              f"are {'class-conditional' if ctx.labels is not None else 'unconditional'}"
                              f": leave the metric out ({DEFAULT_KEY}=null)")
         s = self.scores(ctx.images, prompts, ctx.device).double()
+        self.last_scores = s  # per sample, for the run's table of samples (W&B)
         std = float(s.std(correction=0)) if len(s) else math.nan
         return {"clip_score": float(s.mean()), "clip_score_std": std, "clip_n": len(s),
                 "clip_model": self.model_name}
