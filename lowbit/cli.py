@@ -15,6 +15,28 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger("lowbit")
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+#: where the ranks > 0 of a multi-process run log (kept in the run folder across attempts)
+RANK_LOGS = "rank_logs"
+
+
+def _job_log(output_subdir: str | None, run_dir: str, job_name: str) -> str:
+    """The job log's path: beside Hydra's ``.hydra/`` (``output_subdir``) in the attempt's
+    staging folder; ``rank_logs/`` for a rank started without one (``hydra.output_subdir=null``:
+    the other processes of a multi-process run)."""
+    if output_subdir is None:
+        return str(Path(run_dir) / RANK_LOGS / f"{job_name}.log")
+    return str(Path(run_dir) / Path(output_subdir).parent / f"{job_name}.log")
+
+
+OmegaConf.register_new_resolver("lowbit_job_log", _job_log, replace=True)
+
+
+class JobLogHandler(logging.FileHandler):
+    """The job log's file handler: creates the log's folder when it first writes."""
+
+    def _open(self):  # noqa: ANN202 - logging's own signature
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], float | None]:

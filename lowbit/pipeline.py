@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lowbit
-from lowbit import rundir
+from lowbit import dist, rundir
 from lowbit.cache import DeepCache, build_cache
 from lowbit.config import ConfigError, check_writable, validate
 from lowbit.data.digits import save_png_folder, to_uint8
@@ -26,9 +27,16 @@ from lowbit.metrics.cost import integer_gemm, model_costs
 from lowbit.models.adapter import Denoiser
 from lowbit.quant import QuantModuleMixin, bits_label, run_bits
 from lowbit.rundir import RESULTS, STUDENT, Attempt
-from lowbit.sampling import (NonFiniteError, SamplerConfig, build_scheduler, check_scheduler,
-                             sample_many)
+from lowbit.sampling import (
+    NonFiniteError,
+    SamplerConfig,
+    build_scheduler,
+    check_scheduler,
+    sample_many,
+)
+from lowbit.shards import SHARD_DIR, ShardStats, ShardStore, sample_images, shard_key
 from lowbit.tracking import (
+    SampleTable,
     WandbRun,
     image_grid_uint8,
     read_results,
@@ -67,6 +75,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     the attempt writes into a staging folder swapped in when done, so a failure never touches
     the folder's files."""
     validate(cfg)
+    dist.launch(cfg)  # the run's other processes, when its trainer asks for several
+    if not dist.is_main():
+        return _follow(cfg)
     out = Path(cfg.paths.output_dir)
     check_writable(out)
     attempt = Attempt(out, rundir.hydra_staging(out), rundir.run_fingerprint(cfg))
@@ -86,19 +97,18 @@ def _attempt(cfg: DictConfig, out: Path, attempt: Attempt) -> dict:
     """:func:`run_experiment` once this process holds the folder's lock."""
     try:
         previous = rundir.check_skip(out, cfg)
-    except Exception:
+        resume = rundir.plan_resume(out, cfg) if previous is None else False
+    except Exception as e:
         attempt.discard()
+        dist.broadcast({"error": f"{type(e).__name__}: {e}"})
         raise
+    # the other ranks follow rank 0's decision and write into its run folder
+    dist.broadcast({"skip": previous is not None, "resume": resume, "out": str(out)})
     if previous is not None:
         attempt.discard()  # Hydra's .hydra/ of this attempt: the folder keeps the finished one's
         log.info("%s already done with this config — skipped (force=true to re-run)",
                  out / RESULTS)
         return previous
-    try:
-        resume = rundir.plan_resume(out, cfg)
-    except Exception:
-        attempt.discard()
-        raise
     if bool(cfg.get("resume", None)) != resume:
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
@@ -127,6 +137,27 @@ def _attempt(cfg: DictConfig, out: Path, attempt: Attempt) -> dict:
     return results
 
 
+def _follow(cfg: DictConfig) -> dict:
+    """A rank other than 0: rank 0 owns the run folder and decides (skip, resume); this rank
+    computes its part of the run in that folder (the fine-tune, its sampling shards) and returns
+    ``{}`` — rank 0 returns the results."""
+    decision = dist.broadcast(None)
+    if "error" in decision:
+        raise RuntimeError(f"rank 0 did not start the run: {decision['error']}")
+    if decision["skip"]:
+        return {}
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.resume = decision["resume"]
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    with PeakMemory(device) as memory:
+        _run(cfg, Path(decision["out"]), None, device, memory, time.perf_counter())
+    return {}
+
+
 def build_dataset(cfg: DictConfig):
     """The ``dataset`` group instantiated (``_target_`` + every key), or None without a target."""
     if OmegaConf.select(cfg, "dataset._target_") is None:
@@ -143,8 +174,8 @@ def decode_images(model: Denoiser, x: torch.Tensor, batch_size: int) -> torch.Te
                       for i in range(0, len(x), batch_size)])
 
 
-def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
-         memory: PeakMemory, t_start: float) -> dict:
+def _run(cfg: DictConfig, out: Path, attempt: Attempt | None, device: torch.device,
+         memory: PeakMemory, t_start: float) -> dict | None:
     dataset = build_dataset(cfg)
     suite = build_metrics(cfg.metrics)
     if dataset is not None:
@@ -163,7 +194,7 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
                         model=model, dataset=dataset)
     student = method.prepare(teacher, ctx).to(device).eval()
-    if student is not teacher:
+    if student is not teacher and dist.is_main():
         # weights + quantization map (reload without the method), with the attempt's fingerprint
         save_student(student, attempt.staging)
 
@@ -172,18 +203,35 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     cond = model.make_cond(conditions, n)
     prompts = ([conditions[i % len(conditions)] for i in range(n)]
                if model.conditioning == "text" else None)
+    decode = functools.partial(decode_images, model, batch_size=sampler.batch_size)
+    key = shard_key(student, sampler, n, int(cfg.seed), cond,
+                    "none" if feature_cache is None else feature_cache.label)
+    if len(set(dist.gather(key))) > 1:
+        raise RuntimeError("the processes of this run hold different students (their weights "
+                           "differ after the method); their samples would not be one model's")
+    store = ShardStore(out / SHARD_DIR, key)
+    if dist.is_main():
+        store.prune_stale()  # batches of another student or sampler in this folder
+    dist.barrier()
     t0 = time.perf_counter()
     cache_cost: dict = {}
     if feature_cache is None:
-        x0 = sample_many(model.with_net(student), sampler, cond, n, seed=int(cfg.seed))
-        sample_s = time.perf_counter() - t0
+        images, shard_stats = sample_images(model.with_net(student), sampler, cond, n,
+                                            int(cfg.seed), decode, store)
     else:
-        x0, sample_s, cache_cost = _sample_cached(model.with_net(student), feature_cache, sampler,
-                                                  cond, n, int(cfg.seed))
+        images, shard_stats, cache_cost = _sample_cached(model.with_net(student), feature_cache,
+                                                         sampler, cond, n, int(cfg.seed),
+                                                         decode, store)
+    sample_s = time.perf_counter() - t0
+    done = dist.gather((shard_stats.sampled, shard_stats.resumed))
+    fp_images = None
+    if not dist.is_main():
+        if suite.needs_fp_images and (student is not teacher or feature_cache is not None):
+            fp_samples(model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
+        return None  # rank 0 measures and records the run
     if student is not teacher and bool(cfg.get("time_vs_fp", True)):
         cache_cost.update(_time_vs_fp(model, teacher, student, feature_cache, sampler, cond, n,
                                       int(cfg.seed)))
-    images = decode_images(model, x0, sampler.batch_size)
     labels = cond if model.conditioning == "class" else None
 
     sample_dir = attempt.path(rundir.SAMPLES)  # a fresh folder: the metrics read these n files
@@ -196,7 +244,6 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
     Image.fromarray(grid.numpy()).save(attempt.path(rundir.GRID))
 
     t0 = time.perf_counter()
-    fp_images = None
     if suite.needs_fp_images:
         fp_images = images if student is teacher and feature_cache is None else fp_samples(
             model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
@@ -219,6 +266,11 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         "fake_quant_layers": sum(1 for m in student.modules()
                                  if isinstance(m, QuantModuleMixin) and not integer_gemm(m)),
         "sample_s": sample_s,
+        # batches of samples drawn by this attempt (over all processes) and found finished in
+        # the run folder's sample_shards/ (an interrupted attempt's)
+        "sample_batches": sum(d[0] for d in done),
+        "sample_batches_resumed": sum(d[1] for d in done),
+        "processes": dist.world_size(),
         **cache_cost,
         "metrics_s": metrics_s,
         "total_s": time.perf_counter() - t_start,
@@ -252,9 +304,13 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt, device: torch.device,
         results["export"] = export_run(attempt.staging, report_dir=out)
         write_json_atomic(attempt.path(RESULTS), results)
     attempt.commit()
+    store.remove()  # the samples are in samples/ now
     results_path = out / RESULTS
     log.info("results written to %s", results_path)
-    _log_wandb(cfg, out, results, grid)
+    if cfg.logger.name == "wandb":
+        _log_wandb(cfg, out, results, grid, _sample_table(
+            images, fp_images, prompts if prompts is not None else labels, suite,
+            int(cfg.metrics.grid_size), model.num_classes or 10))
     results = read_results(results_path)  # what is recorded (non-finite values as null)
     print(_summary_table(results))
     return results
@@ -287,7 +343,9 @@ def _measure(cfg: DictConfig, suite, sample_dir: Path, images: torch.Tensor, con
 def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | None, n: int,
                seed: int, cache_dir: Path | None) -> torch.Tensor:
     """uint8 images of the FP model on the seeds and conditions of a run (the reference of paired
-    fidelity), cached per (model weights, sampler, n, seed, conditioning)."""
+    fidelity), cached per (model weights, sampler, n, seed, conditioning). Sampled in shards
+    over the run's processes (:func:`lowbit.shards.sample_images`): rank 0 gets the images,
+    the other ranks None."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
@@ -299,18 +357,28 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
         h.update(cond.detach().cpu().contiguous().numpy().tobytes())
     path = (Path(cache_dir) / "fp_samples" / f"{model.name or 'model'}-{h.hexdigest()[:16]}"
             ".safetensors") if cache_dir else None
-    if path is not None and path.is_file():
+    cached = dist.broadcast(path is not None and path.is_file())
+    if cached:
+        if not dist.is_main():
+            return None
         try:
             return load_file(str(path))["images"]
         except Exception as e:  # noqa: BLE001 - a broken cache file is regenerated
             log.warning("FP sample cache %s unreadable (%s); regenerating", path, e)
-    x = sample_many(model, sampler, cond, n, seed=seed, progress=False)
-    images = decode_images(model, x, sampler.batch_size)
+    store = (ShardStore(path.with_name(f"{path.stem}.shards"), "batches")
+             if path is not None else None)
+    images, _ = sample_images(model, sampler, cond, n, seed,
+                              functools.partial(decode_images, model,
+                                                batch_size=sampler.batch_size),
+                              store, progress=False)
+    if not dist.is_main():
+        return None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent jobs share the cache
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(path)
+        store.remove()
     return images
 
 
@@ -361,28 +429,31 @@ def _time_vs_fp(model: Denoiser, teacher: torch.nn.Module, student: torch.nn.Mod
 
 
 def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,
-                   cond: torch.Tensor | None, n: int, seed: int
-                   ) -> tuple[torch.Tensor, float, dict]:
-    """Sample with the feature cache attached; costs measured, not estimated: FLOPs of one full
-    and one partial call (torch's FlopCounterMode, per sample) averaged over the schedule, and
-    the wall time of a batch without and with the cache, alternately on the same seed
-    (``cache_speedup``, :func:`_paired_times`)."""
+                   cond: torch.Tensor | None, n: int, seed: int, decode, store: ShardStore
+                   ) -> tuple[torch.Tensor | None, ShardStats, dict]:
+    """Sample with the feature cache attached; costs measured, not estimated (rank 0): FLOPs of
+    one full and one partial call (torch's FlopCounterMode, per sample) averaged over the
+    schedule, and the wall time of a batch without and with the cache, alternately on the same
+    seed (``cache_speedup``, :func:`_paired_times`). ``cache_calls``: the network calls of the
+    batches this attempt sampled, over all processes."""
     from lowbit.metrics.cost import example_inputs
 
     timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
     with cache.attach(model.net, timesteps) as handle:
-        t0 = time.perf_counter()
-        x0 = sample_many(model, sampler, cond, n, seed=seed)
-        sample_s = time.perf_counter() - t0
+        images, stats = sample_images(model, sampler, cond, n, seed, decode, store)
         calls = dict(handle.calls)
-    full_t = max(handle.full)
-    partial_t = next((int(t) for t in timesteps if int(t) not in handle.full), None)
+    calls = {k: sum(c[k] for c in dist.gather(calls)) for k in calls}
+    if not dist.is_main():
+        return None, stats, {}
+    full = _full_steps(cache, model.net, timesteps)
+    full_t = max(full)
+    partial_t = next((int(t) for t in timesteps if int(t) not in full), None)
     flops = {"full": _flops(model.net, example_inputs(model, model.device, full_t)), "partial": None}
     if partial_t is not None:
         with cache.attach(model.net, timesteps):
             _flops(model.net, example_inputs(model, model.device, full_t))  # fills the cache
             flops["partial"] = _flops(model.net, example_inputs(model, model.device, partial_t))
-    n_full = sum(int(t) in handle.full for t in timesteps)
+    n_full = sum(int(t) in full for t in timesteps)
     n_part = len(timesteps) - n_full
     avg = (n_full * flops["full"] + n_part * (flops["partial"] or 0)) / len(timesteps)
     one, c, m = _timing_batch(sampler, cond, n)
@@ -393,12 +464,18 @@ def _sample_cached(model: Denoiser, cache: DeepCache, sampler: SamplerConfig,
 
     plain_s, cached_s = _paired_times(
         lambda: sample_many(model, one, c, m, seed=seed, progress=False), cached)
-    return x0, sample_s, {
+    return images, stats, {
         "cache_calls": calls, "cache_full_steps": n_full, "cache_partial_steps": n_part,
         "flops_full_step": flops["full"], "flops_partial_step": flops["partial"],
         "flops_per_step": avg, "flops_x": flops["full"] / max(avg, 1e-12),
         "cache_batch_s": plain_s, "cache_batch_cached_s": cached_s,
         "cache_speedup": plain_s / max(cached_s, 1e-12)}
+
+
+def _full_steps(cache: DeepCache, net: torch.nn.Module, timesteps) -> set[int]:
+    """The timesteps the cache runs in full (its schedule; nothing is computed)."""
+    with cache.attach(net, timesteps) as handle:
+        return set(handle.full)
 
 
 @torch.no_grad()
@@ -410,7 +487,32 @@ def _flops(net: torch.nn.Module, inputs: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) -> None:
+def _sample_table(images: torch.Tensor, fp_images: torch.Tensor | None, conditions, suite,
+                  n: int, nrow: int) -> SampleTable:
+    """The grid's samples with their label or prompt and per-sample scores: PSNR to the FP sample
+    of the same seed (when the metrics drew them) and the CLIP score (when a CLIP item ran)."""
+    from lowbit.metrics.fidelity import psnr_from_mse
+
+    n = min(n, len(images))
+    if isinstance(conditions, torch.Tensor):
+        conds = [f"class {int(c)}" for c in conditions[:n]]
+    elif conditions is not None:
+        conds = [str(c) for c in list(conditions)[:n]]
+    else:
+        conds = [""] * n
+    scores: dict[str, list[float]] = {}
+    if fp_images is not None:
+        d = (images[:n].float() - fp_images[:n].float()) / 255.0
+        scores["psnr_to_fp"] = [psnr_from_mse(float(m)) for m in d.pow(2).flatten(1).mean(1)]
+    for item in suite.items.values():
+        last = getattr(item, "last_scores", None)
+        if last is not None:
+            scores["clip_score"] = [float(v) for v in last[:n]]
+    return SampleTable(images[:n], conds, scores, nrow)
+
+
+def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor,
+               samples: SampleTable | None = None) -> None:
     """Results, costs and the sample grid into the job's W&B run: the run the fine-tune's
     WandbLogger wrote its curves to (same id, :func:`lowbit.train.fit.wandb_run_id`)."""
     from lowbit.train.fit import wandb_run_id
@@ -425,7 +527,7 @@ def _log_wandb(cfg: DictConfig, out: Path, results: dict, grid: torch.Tensor) ->
         id=wandb_run_id(cfg), resume="allow",
     )
     try:
-        run.log_results(results, grid)
+        run.log_results(results, grid, samples)
     finally:
         run.finish()
     if run.error:

@@ -17,10 +17,12 @@ attempt never touches the folder's files; its log and config are kept in ``.fail
 Kept **across** attempts (never swapped):
 
 - training state, for resume: ``checkpoints/`` (Lightning ``last.ckpt``), ``adaround/`` (finished
-  reconstruction units), ``train_logs/``. ``checkpoints/fingerprint.json`` stamps them with the
+  reconstruction units), ``train_logs/``, ``sample_shards/`` (the batches of samples an
+  unfinished attempt drew, :mod:`lowbit.shards`). ``checkpoints/fingerprint.json`` stamps them with the
   training fingerprint of the config that made them (:func:`training_config`); see
   :func:`plan_resume` for when they are resumed, refused or discarded;
 - ``wandb/``: W&B keeps one sub-folder per run, so attempts never share a file there.
+- ``rank_logs/``: the logs of ranks 1, 2, … of multi-process runs (:mod:`lowbit.dist`), appended.
 
 The **fingerprint** is a hash of the resolved config without the keys that do not shape results
 (:data:`NOT_RESULT_KEYS`: where and how a run executes, what happens after it, labels of the
@@ -63,11 +65,11 @@ FAILED_ATTEMPT = ".failed-attempt"
 #: in the staging folder (swapped in with it): the attempt's id and run fingerprint
 ATTEMPT_FILE = "attempt.json"
 #: training state kept across attempts (resume); stamped by checkpoints/fingerprint.json
-STATE_DIRS = (CHECKPOINTS, "adaround", "train_logs")
+STATE_DIRS = (CHECKPOINTS, "adaround", "train_logs", "sample_shards")
 #: held (flock) by the live attempt: a second process on the same folder is refused
 LOCK_FILE = ".lock"
 #: kept across attempts without belonging to one
-KEPT = (*STATE_DIRS, "wandb", LOCK_FILE)
+KEPT = (*STATE_DIRS, "wandb", LOCK_FILE, "rank_logs")
 #: safetensors metadata key of the student's fingerprint
 STUDENT_FINGERPRINT_KEY = "lowbit_fingerprint"
 

@@ -173,21 +173,33 @@ def sample(denoiser: Denoiser, scheduler, cond: torch.Tensor | None, n: int,
     return x
 
 
+def batch_starts(n: int, batch_size: int) -> range:
+    """First sample index of each batch of a run of ``n`` samples."""
+    return range(0, n, batch_size)
+
+
+def sample_batch(denoiser: Denoiser, cfg: SamplerConfig, cond: torch.Tensor | None, n: int,
+                 seed: int, b: int, callback: StepCallback | None = None) -> torch.Tensor:
+    """Batch ``b`` of a run of ``n`` samples: samples ``b·B … min((b+1)·B, n)−1`` (B =
+    ``cfg.batch_size``) with conditions ``cond[those]``, drawn from seed ``seed + b`` — a function
+    of (seed, b) only, whichever process samples it and whatever ran before."""
+    s = b * cfg.batch_size
+    m = min(cfg.batch_size, n - s)
+    sched = build_scheduler(denoiser.noise_schedule, cfg.kind, cfg.steps)
+    gen = torch.Generator().manual_seed(seed + b)
+    c = cond[s : s + m] if cond is not None else None
+    return sample(denoiser, sched, c, m, gen, cfg.guidance_scale, cfg.eta, callback,
+                  cfg.consistent_clip).cpu()
+
+
 def sample_many(denoiser: Denoiser, cfg: SamplerConfig, cond: torch.Tensor | None, n: int,
                 seed: int, callback: StepCallback | None = None, progress: bool = True
                 ) -> torch.Tensor:
     """Sample ``n`` images in batches of ``cfg.batch_size`` with conditioning ``cond`` (``[n, …]``
-    or None). Batch ``b`` uses seed ``seed + b`` so results do not depend on how many batches ran
-    before (resumable, parallelisable)."""
+    or None). Batch ``b`` uses seed ``seed + b`` (:func:`sample_batch`), so results do not depend
+    on how many batches ran before (resumable, parallelisable)."""
     from tqdm.auto import tqdm
 
-    out = []
-    starts = range(0, n, cfg.batch_size)
-    for b, s in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
-        sched = build_scheduler(denoiser.noise_schedule, cfg.kind, cfg.steps)
-        gen = torch.Generator().manual_seed(seed + b)
-        m = min(cfg.batch_size, n - s)
-        c = cond[s : s + m] if cond is not None else None
-        out.append(sample(denoiser, sched, c, m, gen, cfg.guidance_scale, cfg.eta,
-                          callback, cfg.consistent_clip).cpu())
-    return torch.cat(out)
+    starts = batch_starts(n, cfg.batch_size)
+    return torch.cat([sample_batch(denoiser, cfg, cond, n, seed, b, callback)
+                      for b in tqdm(range(len(starts)), desc="sampling", disable=not progress)])

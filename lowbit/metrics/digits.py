@@ -201,7 +201,9 @@ class DigitsMetrics(Metric):
         with warnings.catch_warnings():
             # its memory note and the std of a single split are noise here
             warnings.simplefilter("ignore", UserWarning)
-            metric = InceptionScore(feature=_Logits(self.classifier.to("cpu")), splits=splits)
+            # measured by one process (rank 0 of a multi-process run): never synced
+            metric = InceptionScore(feature=_Logits(self.classifier.to("cpu")), splits=splits,
+                                    sync_on_compute=False)
             images_u8 = images_u8.cpu()
             rgb = images_u8.expand(-1, 3, -1, -1) if images_u8.shape[1] == 1 else images_u8
             metric.update(rgb)

@@ -16,6 +16,7 @@ frozen). Unit by unit, resumable like :func:`~lowbit.quant.adaround_`.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -128,7 +129,7 @@ def act_reconstruct_(model: nn.Module, batches: Iterable[Mapping[str, Any]],
         res.loss_before, res.loss_after, res.skipped = _reconstruct_unit(
             model, unit, qs, batches, cfg, device, rng, progress)
         if path is not None and not res.skipped:
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one run write the same file
             torch.save({str(i): q.scale.detach().cpu() for i, q in enumerate(qs)}, tmp)
             tmp.replace(path)
     return result

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import os
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -305,7 +306,7 @@ def adaround_(model: nn.Module, batches: Iterable[Mapping[str, Any]],
         res.loss_nearest, res.loss_final, res.skipped = _reconstruct_unit(
             model, unit, batches, cfg, device, rng, progress)
         if path is not None and not res.skipped:
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks of one run write the same file
             torch.save(_unit_state(unit), tmp)
             tmp.replace(path)  # atomic: a killed run never leaves a half-written unit
     return result

@@ -223,6 +223,9 @@ class UniformQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.name = name
         self.enabled = True  # False → pass-through (FP forward without touching state)
+        # processes that split each training batch (DDP): LSQ's gradient scale counts the
+        # elements of the whole batch, so N ranks train as one (activations only)
+        self.batch_split = 1
         self.observer: Callable[[UniformQuantizer, Tensor], None] | None = None
         self.note = ""  # e.g. why group granularity fell back to channel
         self._rounding: Callable[[Tensor], Tensor] | None = None
@@ -411,7 +414,8 @@ class UniformQuantizer(nn.Module):
         x = x.float()
         s = scale.float().clamp_min(MIN_SCALE)
         # LSQ: g = 1 / sqrt(N · q_max), N = elements per step size; LSQ+ scales the offset too
-        g = 1.0 / math.sqrt(max(1, x.numel() // s.numel()) * max(1, self.qmax))
+        n = x.numel() * (1 if self.is_weight else self.batch_split)
+        g = 1.0 / math.sqrt(max(1, n // s.numel()) * max(1, self.qmax))
         if s.requires_grad:
             s = grad_scale(s, g)
         z = None

@@ -31,12 +31,39 @@ from lowbit.sampling import SamplerConfig, build_scheduler, step_kwargs
 from lowbit.train.seeds import generator
 
 
+def rank_slice(batch: dict[str, Any], rank: int, world: int, halves: int = 1) -> dict[str, Any]:
+    """Rank ``rank``'s part of a step's batch when ``world`` processes share it (DDP): every
+    tensor split along its first axis into ``world`` equal parts. A batch of ``halves`` stacked
+    groups (2 with guidance: [conditional | unconditional]) is split group by group, so each rank
+    keeps matching pairs. With losses that are means over samples, the mean of the ranks'
+    gradients (what DDP applies) is the gradient of the whole batch."""
+    if world == 1:
+        return batch
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if not isinstance(v, Tensor) or v.dim() == 0:
+            out[k] = v
+            continue
+        per = v.shape[0] // halves
+        if per * halves != v.shape[0] or per % world:
+            raise ValueError(
+                f"the step's batch ({k}: {v.shape[0]} rows in {halves} group(s)) cannot be split "
+                f"evenly over {world} processes; make the method's batch size a multiple of "
+                f"trainer.devices x trainer.num_nodes = {world}")
+        m = per // world
+        parts = [v[h * per + rank * m : h * per + (rank + 1) * m] for h in range(halves)]
+        out[k] = parts[0] if halves == 1 else torch.cat(parts)
+    return out
+
+
 class _StepDataset(Dataset):
-    def __init__(self, batch_fn: Callable[[int], dict[str, Any]]) -> None:
+    def __init__(self, batch_fn: Callable[[int], dict[str, Any]], rank: int = 0, world: int = 1,
+                 halves: int = 1) -> None:
         self.batch_fn = batch_fn
+        self.rank, self.world, self.halves = rank, world, halves
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        batch = dict(self.batch_fn(step))
+        batch = rank_slice(dict(self.batch_fn(step)), self.rank, self.world, self.halves)
         batch["step"] = torch.tensor(step)
         return batch
 
@@ -61,10 +88,13 @@ class _StepSampler(Sampler[int]):
 
 class StepDataModule(L.LightningDataModule):
     """Base of the data modules: ``batch(step)`` defines the data; an epoch of the Trainer is
-    ``epoch_steps`` steps (the checkpoint interval)."""
+    ``epoch_steps`` steps (the checkpoint interval). Under DDP every rank builds the same
+    ``batch(step)`` and trains on its slice (:func:`rank_slice`); ``halves`` says how many
+    stacked groups a batch holds (2 with guidance)."""
 
     epoch_steps: int = 25
     max_steps: int = 0
+    halves: int = 1
 
     def batch(self, step: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -73,8 +103,9 @@ class StepDataModule(L.LightningDataModule):
         trainer = self.trainer
         sampler = _StepSampler(lambda: int(trainer.global_step), self.epoch_steps,
                                self.max_steps or trainer.max_steps)
-        return DataLoader(_StepDataset(self.batch), sampler=sampler, batch_size=None,
-                          num_workers=0)
+        return DataLoader(_StepDataset(self.batch, int(trainer.global_rank),
+                                       int(trainer.world_size), self.halves),
+                          sampler=sampler, batch_size=None, num_workers=0)
 
 
 class CachedTrajectoryData(StepDataModule):
@@ -90,6 +121,7 @@ class CachedTrajectoryData(StepDataModule):
         n = traj.xt.shape[1]
         self.chunks = math.ceil(n / self.batch_size)
         self.per_epoch = traj.xt.shape[0] * self.chunks
+        self.halves = 2 if traj.denoiser.uses_guidance(traj.guidance_scale) else 1
         self._cache: tuple[int, list[tuple[int, Tensor]]] | None = None
 
     def _epoch_plan(self, epoch: int) -> list[tuple[int, Tensor]]:
@@ -198,6 +230,7 @@ class FPTrajectoryData(StepDataModule):
     def __init__(self, stream: FPTrajectoryStream) -> None:
         super().__init__()
         self.stream = stream
+        self.halves = 2 if stream.denoiser.uses_guidance(stream.sampler.guidance_scale) else 1
 
     def batch(self, step: int) -> dict[str, Any]:
         return self.stream(step)

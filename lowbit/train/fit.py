@@ -106,8 +106,10 @@ class LastCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(str(tmp))
-        tmp.replace(self.path)
+        trainer.save_checkpoint(str(tmp))  # every rank calls it; rank 0 writes the file
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
+        trainer.strategy.barrier("LastCheckpoint.save")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
@@ -217,6 +219,15 @@ def fit_module(module: StudentModule, data: StepDataModule, trainer_cfg: Any, ck
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    if getattr(trainer.strategy, "_start_method", None) in ("spawn", "fork", "forkserver"):
+        # the fit ran in spawned processes (ddp_spawn): this process's module and trainer did
+        # not step; rank 0 left the finished state in last.ckpt
+        seconds = _load_finished(module, last, max_steps) if last.is_file() else None
+        if seconds is None:
+            raise RuntimeError(f"the spawned fit did not finish: no finished {last}")
+        module.apply_trainable()
+        return FitStats(max_steps, seconds, module.trainable_params, resume_from, groups=groups,
+                        start_step=0 if resume_from is None else -1)
     if trainer.global_step < max_steps:
         raise RuntimeError(f"fit stopped at step {trainer.global_step} of {max_steps}")
     clock = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))

@@ -123,6 +123,27 @@ class StudentModule(L.LightningModule):
         return values
 
     # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the module: DDP syncs the gradients of the parameters that
+        # require them when it is built
+        self.apply_trainable()
+        # each rank sees 1/world of every batch (lowbit.train.data.rank_slice): LSQ's gradient
+        # scale counts the whole batch
+        from lowbit.quant.quantizers import UniformQuantizer
+
+        world = int(self.trainer.world_size) if self._trainer is not None else 1
+        for m in self.student.modules():
+            if isinstance(m, UniformQuantizer):
+                m.batch_split = world
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # a resumed fit loads its checkpoint before the strategy wraps the module: loading may
+        # reset quantizer trainability to the quant spec's default, and DDP only syncs what
+        # requires a gradient when it is built
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.apply_trainable()
+        return out
+
     def on_fit_start(self) -> None:
         self.teacher.to(self.device).eval()
         self.student.train()  # no dropout in these U-Nets; train mode only silences Lightning
