@@ -145,6 +145,22 @@ def check_cache_dir(cfg: DictConfig) -> None:
         raise ConfigError("paths.cache_dir", str(v), "is not writable", fix)
 
 
+def _check_ldm_checkpoint(cfg: DictConfig) -> None:
+    """``model.checkpoint`` + ``model.ldm_config`` (a CompVis LDM, converted on first load)."""
+    ckpt, yaml = _get(cfg, "model.checkpoint"), _get(cfg, "model.ldm_config")
+    if not ckpt:
+        return
+    if not OmegaConf.is_missing(cfg.model, "path") and _get(cfg, "model.path"):
+        raise ConfigError("model.checkpoint", ckpt, "model.path gives the model already",
+                          "pass either model.path or model.checkpoint + model.ldm_config")
+    if not Path(os.path.expanduser(str(ckpt))).is_file():
+        raise ConfigError("model.checkpoint", ckpt, "no such file",
+                          "give the CompVis model.ckpt (e.g. models/ldm/lsun_beds256/model.ckpt)")
+    if not yaml or not Path(os.path.expanduser(str(yaml))).is_file():
+        raise ConfigError("model.ldm_config", yaml, "a CompVis checkpoint needs its yaml",
+                          "pass model.ldm_config=<configs/latent-diffusion/NAME.yaml>")
+
+
 def _check_cache(cfg: DictConfig) -> None:
     from lowbit.cache import build_cache
 
@@ -207,9 +223,15 @@ def validate(cfg: DictConfig) -> None:
                               "(student.safetensors + quant_map.json) and reloads with "
                               "lowbit.export.load_student")
 
-    if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path"):
+    if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path") \
+            and not _get(cfg, "model.checkpoint"):
+        # a CompVis LDM config (conf/model/ldm*.yaml)
+        ldm = "checkpoint" in cfg.model.keys()  # noqa: SIM118 - as "path" above
         raise ConfigError("model.path", "???", "this model config needs a pipeline",
-                          "pass model.path=<hub id or local diffusers pipeline folder>")
+                          "pass model.path=<hub id or local diffusers pipeline folder>" + (
+                              ", or the CompVis files: model.checkpoint=<model.ckpt> "
+                              "model.ldm_config=<its yaml>" if ldm else ""))
+    _check_ldm_checkpoint(cfg)
     mpath = _get(cfg, "model.path")
     if mpath is not None and str(mpath).startswith((".", "/", "~")) and not Path(
             os.path.expanduser(str(mpath))).is_dir():

@@ -17,6 +17,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 
@@ -28,6 +29,9 @@ SCHEDULERS: dict[str, type] = {
     "plms": PNDMScheduler,
     "dpm": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    # multistep consistency sampling of an LCM student (its skip grid: the scheduler's
+    # original_inference_steps = 50, the method's num_ddim_timesteps)
+    "lcm": LCMScheduler,
 }
 
 
@@ -133,7 +137,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 def step_kwargs(scheduler, eta: float, generator: torch.Generator) -> dict:
     """Keyword arguments of ``scheduler.step`` for η and the stochastic samplers' noise."""
     kw: dict = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+    if isinstance(scheduler, (DDIMScheduler, DDPMScheduler, LCMScheduler)):
         kw["generator"] = generator
     return kw
 

@@ -15,6 +15,9 @@ kind          ``cond``                                   null (unconditional) in
 ``text``      prompt embeddings ``[B, L, D]`` (SD)       the embedding of the empty prompt
 ============  =========================================  ==============================================
 
+A class-conditional U-Net with cross-attention (CompVis LDM cin256) takes its labels through
+``class_embedder`` as a one-token context, ``encoder_hidden_states = class_embedder(labels)``.
+
 Classifier-free guidance is here once: :meth:`Denoiser.guidance_batch` stacks the conditional and
 the unconditional half into one batch (so a quantized network sees both in every forward, as
 Q-Diffusion's calibration assumes) and :meth:`Denoiser.guided` combines them. Latent models work
@@ -62,6 +65,7 @@ class Denoiser:
     vae_scale: float = 1.0
     text_encoder: nn.Module | None = None
     tokenizer: Any = None
+    class_embedder: nn.Module | None = None
     family: str = ""
     _null_text: Tensor | None = field(default=None, repr=False)
 
@@ -74,6 +78,10 @@ class Denoiser:
         if self.conditioning == "text" and (self.text_encoder is None or self.tokenizer is None):
             raise ValueError(f"model {self.name!r} is text-conditioned but has no text encoder "
                              f"or tokenizer: load it from a pipeline folder that holds both")
+        if self.family == "unet_text" and self.conditioning == "class" \
+                and self.class_embedder is None:
+            raise ValueError(f"model {self.name!r} takes class labels through cross-attention "
+                             f"but has no class embedder: load it from a pipeline folder with one")
         if self.conditioning == "class" and self.num_classes < 1:
             raise ValueError(f"model {self.name!r} is class-conditional but num_classes="
                              f"{self.num_classes}; set model.num_classes")
@@ -94,7 +102,7 @@ class Denoiser:
 
     def to(self, device: torch.device | str) -> Denoiser:
         """Move every module (network, VAE, text encoder) to ``device``; returns self."""
-        for m in (self.net, self.vae, self.text_encoder):
+        for m in (self.net, self.vae, self.text_encoder, self.class_embedder):
             if m is not None:
                 m.to(device)
         if self._null_text is not None:
@@ -122,7 +130,10 @@ class Denoiser:
                                   torch.full((x.shape[0],), int(self.null_class), device=x.device))
             return kw
         kw = {"sample": x, "timestep": t}
-        if self.family == "unet_text":
+        if self.family == "unet_text" and self.class_embedder is not None:
+            labels = cond if cond is not None else self.null_cond(x.shape[0], x.device)
+            kw["encoder_hidden_states"] = self.class_embedder(labels.to(x.device))
+        elif self.family == "unet_text":
             kw["encoder_hidden_states"] = cond if cond is not None else self.null_cond(x.shape[0])
         elif self.conditioning == "class" and cond is not None:
             kw["class_labels"] = cond
@@ -176,9 +187,19 @@ class Denoiser:
 
     def guided(self, x: Tensor, t: Tensor, cond: Tensor | None, guidance_scale: float = 1.0,
                net: nn.Module | None = None) -> Tensor:
-        """Guided ε of ``net`` (default: this adapter's network) in one forward."""
+        """Guided ε of ``net`` (default: this adapter's network) in one forward. A network that
+        takes guidance as an input (a guidance-distilled LCM student, :mod:`lowbit.models.
+        guidance`) is called once on the conditional batch with its w-embedding at
+        ``guidance_scale`` — no unconditional half."""
+        from lowbit.models.guidance import guidance_embedding
+
+        net = net or self.net
+        w_embedding = guidance_embedding(net)
+        if w_embedding is not None:
+            with w_embedding.at(guidance_scale):
+                return self.call(net, x, t, cond)
         xb, tb, cb = self.guidance_batch(x, t, cond, guidance_scale)
-        return self.combine(self.call(net or self.net, xb, tb, cb), guidance_scale)
+        return self.combine(self.call(net, xb, tb, cb), guidance_scale)
 
     # -- conditioning ------------------------------------------------------------------------------
     @torch.no_grad()

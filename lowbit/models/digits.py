@@ -47,6 +47,8 @@ DIGITS_NOISE_SCHEDULE: dict = dict(
 
 UNET_FILE = "digits_unet.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
+# the reward of reward-guided distillation: never the classifier that measures the samples
+REWARD_CLASSIFIER_FILE = "digits_reward_classifier.safetensors"
 REFERENCE_FILE = "digits_reference.json"
 
 
@@ -81,6 +83,26 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class DigitRewardClassifier(nn.Module):
+    """The digits *reward* model (RG-LCD on digits): another architecture than
+    :class:`DigitClassifier` (5×5 then 3×3 convolutions with average pooling, no normalisation,
+    a 128-d hidden layer) trained from another seed, so optimising its log-probabilities is not
+    optimising the evaluation classifier's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 24, 5, padding=2), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Conv2d(24, 48, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(48 * 4 * 4, 128), nn.SiLU(),
+            nn.Linear(128, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def load_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -121,6 +143,13 @@ def load_digit_classifier(checkpoint: str | Path | None = None) -> DigitClassifi
     path = Path(checkpoint) if checkpoint else asset_path(CLASSIFIER_FILE)
     clf = DigitClassifier()
     _load_into(clf, load_state(path, "digit classifier"), path, "digit classifier")
+    return clf.eval()
+
+
+def load_reward_classifier(checkpoint: str | Path | None = None) -> DigitRewardClassifier:
+    path = Path(checkpoint) if checkpoint else asset_path(REWARD_CLASSIFIER_FILE)
+    clf = DigitRewardClassifier()
+    _load_into(clf, load_state(path, "digit reward classifier"), path, "digit reward classifier")
     return clf.eval()
 
 

@@ -9,7 +9,10 @@ The family is detected from the pipeline's components (``model_index.json``):
 - ``unet`` = ``UNet2DModel``: unconditional, or class-conditional when it has class embeddings
   (``model.num_classes`` / ``model.null_class`` say which index is the null class); latent when a
   ``vae`` (``AutoencoderKL``) or ``vqvae`` (``VQModel``: diffusers' ``LDMPipeline`` names its
-  autoencoder so) is present, pixel space otherwise (DDPM).
+  autoencoder so) is present, pixel space otherwise (DDPM);
+- ``unet`` = ``UNet2DConditionModel`` + ``class_embedder``: class-conditional through
+  cross-attention (a CompVis LDM such as cin256 converted by :mod:`lowbit.models.ldm_convert`;
+  a CompVis ``model.ckpt`` + yaml is converted on first load), latent.
 
 The noise schedule is the pipeline's own scheduler config. Nothing is downloaded when
 ``HF_HUB_OFFLINE=1``: a hub id must then be in the local cache, or the error says how to fetch it.
@@ -80,15 +83,25 @@ def _noise_schedule(scheduler_cfg: dict | None) -> dict:
     return {k: v for k, v in scheduler_cfg.items() if k not in _PRIVATE}
 
 
-def load_diffusers(path: str, name: str = "", num_classes: int | None = None,
+def load_diffusers(path: str | None, name: str = "", num_classes: int | None = None,
                    null_class: int | None = None, revision: str | None = None,
-                   torch_dtype: str | None = None) -> Denoiser:
+                   torch_dtype: str | None = None, ldm_checkpoint: str | None = None,
+                   ldm_config: str | None = None, cache_dir: str | None = None) -> Denoiser:
     """Model loader of ``model=diffusers`` and the real-model configs (Hydra ``_target_``).
 
-    ``num_classes`` / ``null_class``: for class-conditional ``UNet2DModel`` pipelines, which
-    indices are classes and which is the null class of classifier-free guidance (DiT: read from
-    the model).
+    ``num_classes`` / ``null_class``: for class-conditional ``UNet2DModel`` pipelines and class
+    embedders, which indices are classes and which is the null class of classifier-free guidance
+    (DiT: read from the model). ``ldm_checkpoint`` + ``ldm_config`` instead of ``path``: a CompVis
+    latent-diffusion ``model.ckpt`` and its yaml, converted once into
+    ``<cache_dir>/ldm/<fingerprint>``.
     """
+    if ldm_checkpoint:
+        from lowbit.models.ldm_convert import converted_folder
+
+        if path:
+            raise ConfigError("model.path", path, "model.checkpoint gives the model already",
+                              "pass either model.path or model.checkpoint + model.ldm_config")
+        path = str(converted_folder(ldm_checkpoint, ldm_config, cache_dir))
     folder = resolve_pipeline_folder(path, revision)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -115,6 +128,11 @@ def load_diffusers(path: str, name: str = "", num_classes: int | None = None,
         n = int(num_classes or cfg.num_embeds_ada_norm)
         return Denoiser(conditioning="class", num_classes=n,
                         null_class=n if null_class is None else int(null_class), **common)
+    if index.get("class_embedder") and index["class_embedder"][0]:
+        embedder = _component(folder, "class_embedder", index["class_embedder"], dtype)
+        n = int(num_classes or embedder.config.num_embeddings)
+        return Denoiser(conditioning="class", num_classes=n, null_class=null_class,
+                        class_embedder=embedder, **common)
     if getattr(cfg, "cross_attention_dim", None):
         text_encoder = _component(folder, "text_encoder", index.get("text_encoder"), dtype)
         tokenizer = _component(folder, "tokenizer", index.get("tokenizer"), None)

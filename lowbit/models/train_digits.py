@@ -1,6 +1,7 @@
 """Train the built-in digits U-Net and digit classifier (Lightning), and record their reference.
 
     lowbit-train-digits classifier            # ~1 min on 2 CPU cores
+    lowbit-train-digits reward_classifier     # RG-LCD's digits reward (seed 1), ~1 min
     lowbit-train-digits unet --steps 3000     # ~10 min on 2 CPU cores
     lowbit-train-digits reference             # FP metrics of the default run → digits_reference.json
 
@@ -27,8 +28,10 @@ from lowbit.models.digits import (
     DIGITS_NOISE_SCHEDULE,
     NULL_CLASS,
     REFERENCE_FILE,
+    REWARD_CLASSIFIER_FILE,
     UNET_FILE,
     DigitClassifier,
+    DigitRewardClassifier,
     asset_path,
     build_digits_unet,
 )
@@ -44,9 +47,9 @@ def random_shift(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, lr: float = 2e-3) -> None:
+    def __init__(self, lr: float = 2e-3, model: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.model = DigitClassifier()
+        self.model = model if model is not None else DigitClassifier()
         self.lr = lr
 
     def training_step(self, batch, _):
@@ -112,19 +115,25 @@ def _trainer(max_steps: int, **kw) -> L.Trainer:
                      enable_checkpointing=False, enable_model_summary=False, **kw)
 
 
-def train_classifier(out_dir: Path, steps: int, seed: int) -> dict:
+def train_classifier(out_dir: Path, steps: int, seed: int, reward: bool = False) -> dict:
+    """The evaluation classifier, or with ``reward`` the reward classifier of RG-LCD (its own
+    architecture, :class:`DigitRewardClassifier`; the CLI trains it from seed 1)."""
     L.seed_everything(seed, verbose=False)
     x, y = load_digits_tensors()
     tr, va = split_indices(len(x))
     train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=128, shuffle=True, drop_last=True)
     val = DataLoader(TensorDataset(x[va], y[va]), batch_size=512)
-    module = ClassifierModule()
+    module = ClassifierModule(model=DigitRewardClassifier() if reward else None)
     t0 = time.time()
     trainer = _trainer(steps, check_val_every_n_epoch=10)
     trainer.fit(module, train, val)
     module.eval()
     with torch.no_grad():
         acc = (module.model(x[va]).argmax(1) == y[va]).float().mean().item()
+    if reward:
+        _save(module.model, out_dir / REWARD_CLASSIFIER_FILE)
+        return {"reward_classifier_val_acc": acc, "reward_classifier_steps": steps,
+                "reward_classifier_seed": seed, "reward_classifier_train_s": time.time() - t0}
     _save(module.model, out_dir / CLASSIFIER_FILE)
     return {"classifier_val_acc": acc, "classifier_steps": steps, "classifier_train_s": time.time() - t0}
 
@@ -160,17 +169,21 @@ def measure_reference(overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="lowbit-train-digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classifier", "unet", "reference"])
+    p.add_argument("what", choices=["classifier", "reward_classifier", "unet", "reference"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="default 0; 1 for reward_classifier (independent of the evaluator)")
     p.add_argument("--out", type=Path, default=asset_path("").parent / "assets")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    seed = args.seed if args.seed is not None else int(args.what == "reward_classifier")
     if args.what == "classifier":
-        info = train_classifier(args.out, args.steps or 600, args.seed)
+        info = train_classifier(args.out, args.steps or 600, seed)
+    elif args.what == "reward_classifier":
+        info = train_classifier(args.out, args.steps or 600, seed, reward=True)
     elif args.what == "unet":
-        info = train_unet(args.out, args.steps or 3000, args.batch_size, args.seed)
+        info = train_unet(args.out, args.steps or 3000, args.batch_size, seed)
     else:
         # FP numbers of the default run and of the small test setting, recorded beside the weights
         info = {"fp_default": measure_reference([]),

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reproduces experiments/rglcd_digits (NOT RUN yet): teacher DDIM-20, LCD (β = 0) 4-step,
+# RG-LCD 2/4-step over a β sweep (incl. 0), RG-LCD 4-step W8A8; three seeds, 1,000 samples each.
+# Training settings: conf/experiment/digits/rglcd.yaml. The reward is the digits *reward*
+# classifier; FID/KID/cond. acc. come from the evaluation classifier (metrics=digits).
+# Usage: JOBS=2 bash experiments/rglcd_digits/run.sh [teacher] [lcd] [rglcd] [w8a8]
+#   one thread per job; JOBS jobs at once; wall time printed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=experiments/rglcd_digits
+seeds=(0 1 2)
+betas=(0.02 0.05 0.2)
+common=(logger=none threads=1 metrics.num_samples=1000)
+start=$(date +%s)
+export OMP_NUM_THREADS=1
+
+pool() {  # run the given commands (one per line on stdin) at most $JOBS at once
+  xargs -d '\n' -P "${JOBS:-1}" -I{} bash -c '{}'
+}
+for part in ${@:-teacher lcd rglcd w8a8}; do
+  for s in "${seeds[@]}"; do
+    case $part in
+      teacher)
+        echo "lowbit ${common[*]} seed=$s method=fp sampler=ddim20 hydra.run.dir=$out/runs/teacher_ddim20_s$s" ;;
+      lcd)  # β = 0: plain LCD; sampled at 4 steps (and 2 for the table's 2-step row)
+        for n in 2 4; do
+          echo "lowbit experiment=digits/rglcd ${common[*]} seed=$s method.beta=0 sampler=lcm$n hydra.run.dir=$out/runs/lcd_lcm${n}_s$s"
+        done ;;
+      rglcd)
+        for b in "${betas[@]}"; do
+          for n in 2 4; do
+            echo "lowbit experiment=digits/rglcd ${common[*]} seed=$s method.beta=$b sampler=lcm$n hydra.run.dir=$out/runs/rglcd_b${b}_lcm${n}_s$s"
+          done
+        done ;;
+      w8a8)
+        echo "lowbit experiment=digits/rglcd ${common[*]} seed=$s bits=w8a8 sampler=lcm4 hydra.run.dir=$out/runs/rglcd_w8a8_lcm4_s$s" ;;
+    esac
+  done | pool
+done
+echo "wall time: $(( $(date +%s) - start )) s"
+lowbit-report "$out/runs" > "$out/table.md" || true
