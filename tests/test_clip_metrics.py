@@ -326,6 +326,7 @@ def test_coco_and_paired_configs():
     assert [type(m) for m in suite.items.values()] == [PairedFidelity, PairedSSIM, PairedLPIPS]
 
 
+@pytest.mark.slow
 def test_text_to_image_run_records_clip_and_paired_metrics(tmp_path, clip_dir, alexnet_file,
                                                            prompts_file):
     """An FP run of a random-weight SD v1.x pipeline on 2 prompts with metrics=clip."""

@@ -519,6 +519,7 @@ def test_metrics_inception_composes(make_cfg, tmp_path, monkeypatch):
         suite.check(None)
 
 
+@pytest.mark.slow
 def test_run_experiment_with_metrics_inception(make_cfg, weights_file, folder_run):
     """The digits model's FP run measured by metrics=inception against a cached feature file
     (the 1,797-image digits folder at 299×299 would take minutes here)."""

@@ -262,7 +262,7 @@ def test_suite_rejects_two_items_reporting_one_name():
 
 def test_a_new_metric_slots_in_by_config(make_cfg):
     cfg = make_cfg("metrics=fidelity",
-                   "+metrics.items.mean={_target_: tests.test_metrics_interface.MeanBrightness}")
+                   f"+metrics.items.mean={{_target_: {__name__}.MeanBrightness}}")
     suite = build_metrics(cfg.metrics)
     x = torch.full((2, 1, 4, 4), 51, dtype=torch.uint8)
     assert suite(_fid_ctx(x, x)) == {"mse": 0.0, "psnr": "inf", "brightness": 0.2}
