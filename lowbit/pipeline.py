@@ -185,6 +185,8 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt | None, device: torch.devi
     model.to(device)
     sampler = SamplerConfig.from_cfg(cfg.sampler)
     check_scheduler(model.noise_schedule, sampler)  # steps vs. the model's schedule: no compute
+    fp_sampler = reference_sampler(cfg)  # how the FP model is sampled for paired fidelity
+    check_scheduler(model.noise_schedule, fp_sampler)
     teacher = model.net.eval()
     feature_cache = build_cache(cfg.get("cache"))
     if feature_cache is not None:
@@ -225,13 +227,15 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt | None, device: torch.devi
     sample_s = time.perf_counter() - t0
     done = dist.gather((shard_stats.sampled, shard_stats.resumed))
     fp_images = None
+    # the run's own samples are the FP reference: the FP model, uncached, on the FP sampler
+    own_fp = student is teacher and feature_cache is None and fp_sampler == sampler
     if not dist.is_main():
-        if suite.needs_fp_images and (student is not teacher or feature_cache is not None):
-            fp_samples(model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
+        if suite.needs_fp_images and not own_fp:
+            fp_samples(model, fp_sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
         return None  # rank 0 measures and records the run
     if student is not teacher and bool(cfg.get("time_vs_fp", True)):
         cache_cost.update(_time_vs_fp(model, teacher, student, feature_cache, sampler, cond, n,
-                                      int(cfg.seed)))
+                                      int(cfg.seed), fp_sampler))
     labels = cond if model.conditioning == "class" else None
 
     sample_dir = attempt.path(rundir.SAMPLES)  # a fresh folder: the metrics read these n files
@@ -245,8 +249,8 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt | None, device: torch.devi
 
     t0 = time.perf_counter()
     if suite.needs_fp_images:
-        fp_images = images if student is teacher and feature_cache is None else fp_samples(
-            model, sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
+        fp_images = images if own_fp else fp_samples(
+            model, fp_sampler, cond, n, int(cfg.seed), Path(cfg.paths.cache_dir))
     metrics = _measure(cfg, suite, sample_dir, images,
                        prompts if prompts is not None else labels, dataset, device, fp_images,
                        model=model, student=student, sampler=sampler)
@@ -286,6 +290,8 @@ def _run(cfg: DictConfig, out: Path, attempt: Attempt | None, device: torch.devi
         "dataset": cfg.dataset.name,
         "sampler": sampler.label(),
         "sampler_preset": cfg.sampler.name,
+        # the FP samples that paired fidelity and sample_x_fp compare with
+        "fp_sampler": fp_sampler.label(),
         "cache": "none" if feature_cache is None else feature_cache.label,
         "metrics": metrics,
         "cost": cost,
@@ -338,6 +344,22 @@ def _measure(cfg: DictConfig, suite, sample_dir: Path, images: torch.Tensor, con
                           fp_images=fp_images, model=model, student=student, sampler=sampler,
                           seed=int(cfg.seed))
     return suite(inputs)
+
+
+def reference_sampler(cfg: DictConfig) -> SamplerConfig:
+    """How the FP model is sampled as the reference of paired fidelity and of ``sample_x_fp``:
+    ``sampler.reference`` when the sampler preset names one (the LCM presets: a few-step
+    student is compared with its teacher on the teacher's own sampler, DDIM-20 with guidance,
+    on the same seeds), else the run's sampler."""
+    ref = cfg.sampler.get("reference")
+    if ref is None:
+        return SamplerConfig.from_cfg(cfg.sampler)
+    try:
+        return SamplerConfig.from_cfg(ref)
+    except Exception as e:  # noqa: BLE001 - a missing key, named with the fix
+        raise ConfigError("sampler.reference", OmegaConf.to_container(ref, resolve=True),
+                          f"not a sampler config ({e})", "give kind, steps, eta, guidance_scale "
+                          "and batch_size, or sampler.reference=null (the run's sampler)") from e
 
 
 def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | None, n: int,
@@ -407,12 +429,13 @@ def _timing_batch(sampler: SamplerConfig, cond: torch.Tensor | None, n: int
 
 def _time_vs_fp(model: Denoiser, teacher: torch.nn.Module, student: torch.nn.Module,
                 cache: DeepCache | None, sampler: SamplerConfig, cond: torch.Tensor | None,
-                n: int, seed: int) -> dict[str, float]:
-    """Sampling batches of the FP model and of the student (with its feature cache, if any),
-    alternately on the same seed and machine (:func:`_paired_times`): ``sample_x_fp`` = student
-    time / FP time. The student's weights are already quantized and cached by the run's
-    sampling."""
+                n: int, seed: int, fp_sampler: SamplerConfig | None = None) -> dict[str, float]:
+    """Sampling batches of the FP model (on ``fp_sampler``, default the run's sampler) and of
+    the student (with its feature cache, if any), alternately on the same seed and machine
+    (:func:`_paired_times`): ``sample_x_fp`` = student time / FP time. The student's weights
+    are already quantized and cached by the run's sampling."""
     one, c, m = _timing_batch(sampler, cond, n)
+    one_fp = dataclasses.replace(fp_sampler or sampler, batch_size=one.batch_size)
     fp, quant = model.with_net(teacher), model.with_net(student)
     timesteps = build_scheduler(model.noise_schedule, sampler.kind, sampler.steps).timesteps
 
@@ -423,7 +446,7 @@ def _time_vs_fp(model: Denoiser, teacher: torch.nn.Module, student: torch.nn.Mod
             sample_many(quant, one, c, m, seed=seed, progress=False)
 
     fp_s, student_s = _paired_times(
-        lambda: sample_many(fp, one, c, m, seed=seed, progress=False), run_student)
+        lambda: sample_many(fp, one_fp, c, m, seed=seed, progress=False), run_student)
     return {"sample_batch_fp_s": fp_s, "sample_batch_s": student_s,
             "sample_x_fp": student_s / max(fp_s, 1e-12)}
 

@@ -4,10 +4,13 @@ data, the FP stream, and that only the selected parameters train."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
+import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lowbit.cli import compose_config
 from lowbit.data.trajectories import fp_trajectories
@@ -26,6 +29,7 @@ from lowbit.train import (
     param_group,
     select_params,
 )
+from lowbit.train.data import rank_slice
 
 SAMPLER = SamplerConfig(kind="ddim", steps=10, guidance_scale=2.0, batch_size=64)
 
@@ -98,6 +102,104 @@ def test_fp_stream_advances_with_the_fp_model_and_replays_exactly(setup):
     with torch.no_grad():  # the target is the teacher's own output
         b = seq[6]
         assert torch.allclose(b["target"], model.call(model.net, b["x"], b["t"], b["cond"]))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_fp_stream_ranks_advance_only_their_rows(setup, eta):
+    """Under DDP each rank runs the teacher on its rows of the step's trajectories only; the
+    rows are those of the one-process batch (rank_slice's, guidance pairs kept), also with a
+    stochastic DDIM step (η > 0) whose noise is drawn for the whole batch. Equal within float
+    rounding: the teacher sees a batch of 2 instead of 4 rows, and CPU kernels may block a
+    batch differently (a few ulps per step, over the 7 steps of trajectory 0 replayed here)."""
+    model, _, _, _ = setup
+    sampler = dataclasses.replace(SAMPLER, eta=eta)
+    whole = FPTrajectoryStream(model, sampler, batch_size=4, seed=5)
+    ranks = [FPTrajectoryStream(model, sampler, batch_size=4, seed=5) for _ in range(2)]
+    calls = []
+    for s in ranks:
+        real = s.denoiser.call
+        s.denoiser = copy.copy(s.denoiser)
+        s.denoiser.call = lambda net, x, *a, _r=real: calls.append(len(x)) or _r(net, x, *a)
+    for n in (0, 6, 7):
+        full = rank_slice(whole(n), 0, 1)
+        for r, s in enumerate(ranks):
+            part = s(n, r, 2)
+            ref = rank_slice(full, r, 2, halves=2)
+            assert part.keys() == ref.keys()
+            for k in ("t", "cond"):
+                assert torch.equal(part[k], ref[k]), (n, r, k)
+            for k in ("x", "target"):
+                assert torch.allclose(part[k], ref[k], rtol=1e-4, atol=1e-5), (n, r, k)
+    assert set(calls) == {4}  # 2 rows + their unconditional halves, never the whole 8
+    with pytest.raises(ValueError, match="multiple of"):
+        FPTrajectoryStream(model, sampler, batch_size=3, seed=5)(0, 0, 2)
+
+
+@pytest.mark.parametrize("overrides", [("accumulate_grad_batches=2",),
+                                       ("accumulate_grad_batches=4",),
+                                       ("gradient_checkpointing=true",)])
+def test_micro_batches_and_checkpointing_take_the_whole_batch_step(setup, tmp_path, overrides):
+    """trainer.accumulate_grad_batches=k cuts each step's batch into k micro-batches (guidance
+    pairs kept, LSQ counting the whole batch) and steps once; gradient checkpointing recomputes
+    the blocks in backward. Both take the step of the whole batch. With SGD (updates linear in
+    the gradient) every trained tensor's update after 2 steps equals the plain run's up to float
+    reduction order: ~1e-6 relative on gradients that are sums of a few hundred products, so
+    1e-4 of the tensor's largest update (plus the weight's float32 ulp) leaves two orders of
+    margin.
+
+    Micro-batches run with the activation quantizers off: a 4-bit activation quantizer turns
+    the last-ulp differences of a conv over 4 rows instead of 8 (CPU kernels block batches
+    differently) into whole-step flips where an input sits on a rounding boundary — measured
+    here as 6.6e-7 in, 0.32 out at the mid block — which no tolerance separates from a wrong
+    step. Checkpointing recomputes the same batch, so it runs fully quantized."""
+    from lowbit.quant import quant_disabled
+    from lowbit.quant.quantizers import UniformQuantizer
+
+    model, _, cfg, base = setup
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    seen: dict[tuple[str, ...], list[int]] = {}
+    micro = overrides[0].startswith("accumulate")
+
+    class Rows(L.Callback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(self.key, []).append(int(batch["x"].shape[0]))
+
+    def updates(*trainer_overrides: str) -> dict[str, torch.Tensor]:
+        student = copy.deepcopy(base)
+        groups = [param_group(student, "w", "weight", 1e-2, ["*time_emb_proj", "*to_q"])]
+        if not micro:
+            groups.append(param_group(student, "a", "act_scale", 1e-4,
+                                      param_exclude=["*.softmax.*"]))
+        module = StudentModule(student, model.net, model, groups,
+                               [TeacherMSE(guidance_scale=2.0)], max_steps=2,
+                               optimizer=functools.partial(torch.optim.SGD, foreach=False))
+        stream = FPTrajectoryStream(model, SAMPLER, batch_size=4, seed=9)
+        tcfg = OmegaConf.merge(cfg.trainer, OmegaConf.from_dotlist(list(trainer_overrides)))
+        with quant_disabled(student, weight=False, act=micro):
+            fit_module(module, FPTrajectoryData(stream), tcfg,
+                       tmp_path / ("_".join(trainer_overrides) or "plain"), max_steps=2,
+                       checkpoint_every=2, callbacks=[Rows(trainer_overrides)])
+        k = int(trainer_overrides[0].split("=")[1]) if trainer_overrides and micro else 1
+        assert {q.batch_split for q in student.modules() if isinstance(q, UniformQuantizer)} \
+            == {k}  # LSQ's gradient scale counts the whole batch
+        after = student.state_dict()
+        return {k: after[k] - before[k] for k in after
+                if after[k].is_floating_point() and not torch.equal(after[k], before[k])}
+
+    plain, other = updates(), updates(*overrides)
+    assert plain.keys() == other.keys() and plain
+    assert micro or any(k.endswith(".scale") for k in plain)
+    for k in plain:
+        # + one float32 ulp of the weight: an update is read back as the difference of two
+        # rounded weights, so gradients 1e-6 apart can land one ulp apart
+        ulp = torch.finfo(torch.float32).eps * before[k].abs().max()
+        err = (other[k] - plain[k]).abs().max()
+        assert err <= 1e-4 * plain[k].abs().max() + ulp, (k, float(err))
+    k = int(overrides[0].split("=")[1]) if micro else 1
+    assert seen[overrides] == [8 // k] * (2 * k)  # 4 trajectories + uncond halves, in k passes
 
 
 def test_only_selected_parameters_change_and_local_loss_is_logged(setup, tmp_path):

@@ -76,7 +76,7 @@ def test_metrics_config_builds_a_suite_with_every_key(make_cfg):
 
     no_fp = build_metrics(make_cfg("metrics.items.fidelity=null",
                                    "metrics.items.eps_error=null").metrics)
-    assert list(no_fp.items) == ["digits"] and not no_fp.needs_fp_images
+    assert list(no_fp.items) == ["digits", "reward"] and not no_fp.needs_fp_images
     assert not no_fp.needs_models
 
     only = build_metrics(make_cfg("metrics=fidelity").metrics)
@@ -111,7 +111,8 @@ def test_digits_metrics_fid_equals_the_previous_computation(digits_suite, sample
     assert set(suite.items["digits"](_ctx(samples, dataset, cache))) == {
         "fid", "kid", "fid_ref", "fid_ref_n", "fid_n", "cond_acc", "is"}
     assert set(m) == {"fid", "kid", "fid_ref", "fid_ref_n", "fid_n", "cond_acc", "is",
-                      "cond_agreement", "feat_dist", "feat_cos_dist", "mse", "psnr"}
+                      "cond_agreement", "feat_dist", "feat_cos_dist", "mse", "psnr",
+                      "reward_digits"}
 
 
 def test_fidelity_item_needs_the_fp_samples(digits_suite, samples, cache):

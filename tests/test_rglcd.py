@@ -233,6 +233,48 @@ def test_interrupted_fit_resumes_bit_exact(make_cfg, tmp_path, monkeypatch):
     assert not _same(full, resumed)
 
 
+def test_lcm_sampler_refuses_another_skip_grid(make_cfg, tmp_path):
+    """LCMScheduler samples on a 50-step skip grid: a student distilled on 10 is refused before
+    any compute."""
+    with pytest.raises(ConfigError, match="num_ddim_timesteps=50"):
+        _prepare(make_cfg, tmp_path / "r", "sampler=lcm4")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_reward_metric_scores_samples_against_their_labels(make_cfg):
+    """reward_digits is the reward classifier's mean log p(requested class): real digits score
+    near 0 with their own labels and far lower with the labels shifted by one class."""
+    from hydra.utils import instantiate
+
+    from lowbit.data.digits import load_digits_tensors, split_indices
+    from lowbit.metrics import MetricInputs, RewardScore
+
+    item = instantiate(make_cfg().metrics["items"]["reward"])
+    assert isinstance(item, RewardScore)
+    item.check()
+    x, y = load_digits_tensors()
+    _, va = split_indices(len(x))
+    u8 = ((x[va] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    own = item(MetricInputs(sample_dir=Path("."), images=u8, conditions=y[va]))
+    wrong = item(MetricInputs(sample_dir=Path("."), images=u8, conditions=(y[va] + 1) % 10))
+    assert -0.5 < own["reward_digits"] < 0 and wrong["reward_digits"] < own["reward_digits"] - 3
+    with pytest.raises(ConfigError, match="metrics.reward"):
+        RewardScore(reward="digits").check()
+
+
+def test_lcm_presets_compare_with_the_teacher_on_ddim20(make_cfg):
+    from lowbit.pipeline import reference_sampler
+    from lowbit.sampling import SamplerConfig
+
+    cfg = make_cfg("experiment=digits/rglcd", "sampler=lcm4", "sampler.guidance_scale=3")
+    ref = reference_sampler(cfg)
+    assert ref == SamplerConfig(kind="ddim", steps=20, guidance_scale=3.0, batch_size=250)
+    plain = make_cfg("sampler=ddim50")
+    assert reference_sampler(plain) == SamplerConfig.from_cfg(plain.sampler)
+    with pytest.raises(ConfigError, match="sampler.reference"):
+        reference_sampler(make_cfg("sampler=lcm4", "~sampler.reference.kind"))
+
+
 # -- the run path -----------------------------------------------------------------------------------
 def test_lcm_presets_compose(make_cfg):
     for n in (1, 2, 4, 8):
@@ -251,10 +293,14 @@ def test_tiny_run_through_the_pipeline(make_cfg, tmp_path, bits):
     from lowbit.pipeline import run_experiment
 
     cfg = make_cfg(*TINY, "sampler=lcm4", f"bits={bits}", "method.beta=0.5",
-                   "method.calib_n=8", "method.calib_batch_size=4", "metrics.num_samples=20",
+                   "method.num_ddim_timesteps=50", "method.calib_n=8",
+                   "method.calib_batch_size=4", "metrics.num_samples=20",
                    "sampler.batch_size=20", output_dir=tmp_path / "run")
     r = run_experiment(cfg)
     assert r["status"] == "done" and r["sampler"] == "lcm4"
+    # paired fidelity against the teacher on its own sampler; no ε error for an LCM student
+    assert r["fp_sampler"] == "ddim20" and "eps_mse" not in r["metrics"]
+    assert r["metrics"]["reward_digits"] < 0 and "psnr" in r["metrics"]
     assert r["method"] == "rglcd(digits,β=0.5)"
     assert r["cost"]["finetune_s"] > 0 and r["cost"]["trainable_params"] > 0
     assert 0.0 <= r["metrics"]["cond_acc"] <= 1.0

@@ -19,9 +19,11 @@ optimizer state, the saved activations (``torch.autograd.graph.saved_tensors_hoo
 storage, parameters excluded) and the peak of live tensor bytes (a dispatch mode that follows every
 storage an op creates until it is freed: what ``torch.cuda.max_memory_allocated`` reports on a GPU).
 Memory that grows with the batch is measured at two small batches and extrapolated linearly to the
-recipes' batch sizes::
+recipes' batch sizes. At SD size the fine-tuning runs keep their saved activations as layouts only
+(``--saved zeros``, see :class:`TensorMemory`): the same projection without the host memory::
 
     python experiments/memory_sd15/measure.py                 # -> results.json next to this file
+    python experiments/memory_sd15/measure.py --summarize-only  # the projections and table again
     python experiments/memory_sd15/measure.py --arch tiny --out /tmp/tiny.json
 """
 

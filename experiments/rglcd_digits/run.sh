@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Reproduces experiments/rglcd_digits (NOT RUN yet): teacher DDIM-20, LCD (β = 0) 4-step,
+# Reproduces experiments/rglcd_digits: teacher DDIM-20, LCD (β = 0) 4-step,
 # RG-LCD 2/4-step over a β sweep (incl. 0), RG-LCD 4-step W8A8; three seeds, 1,000 samples each.
 # Training settings: conf/experiment/digits/rglcd.yaml. The reward is the digits *reward*
-# classifier; FID/KID/cond. acc. come from the evaluation classifier (metrics=digits).
+# classifier; FID/KID/cond. acc. come from the evaluation classifier (metrics=digits), reward_digits
+# from the reward classifier, paired fidelity against the teacher's DDIM-20 samples.
 # Usage: JOBS=2 bash experiments/rglcd_digits/run.sh [teacher] [lcd] [rglcd] [w8a8]
 #   one thread per job; JOBS jobs at once; wall time printed at the end.
 set -euo pipefail
@@ -35,7 +36,7 @@ for part in ${@:-teacher lcd rglcd w8a8}; do
       w8a8)
         echo "lowbit experiment=digits/rglcd ${common[*]} seed=$s bits=w8a8 sampler=lcm4 hydra.run.dir=$out/runs/rglcd_w8a8_lcm4_s$s" ;;
     esac
-  done | pool
-done
+  done
+done | pool  # one pool for every part: no idle slot at a part's tail
 echo "wall time: $(( $(date +%s) - start )) s"
-lowbit-report "$out/runs" > "$out/table.md" || true
+lowbit-report "$out/runs" --md "$out/table.md" --csv "$out/table.csv"

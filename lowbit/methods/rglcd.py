@@ -351,6 +351,18 @@ class RGLCD(Method):
         if prediction != "epsilon":
             raise ConfigError("model", d.name, f"prediction_type={prediction!r}: RG-LCD here "
                               f"distils ε-prediction models", "choose an ε-prediction model")
+        sampler_cfg = ctx.cfg.get("sampler")
+        if sampler_cfg is not None and sampler_cfg.get("kind") == "lcm":
+            from diffusers import LCMScheduler
+
+            grid = int(LCMScheduler.from_config(dict(d.noise_schedule))
+                       .config.original_inference_steps)
+            if grid != p.num_ddim_timesteps:
+                raise ConfigError("method.num_ddim_timesteps", p.num_ddim_timesteps,
+                                  f"the LCM sampler walks a skip grid of {grid} DDIM steps "
+                                  f"(LCMScheduler's original_inference_steps); a student "
+                                  f"distilled on another grid is sampled off its own",
+                                  f"pass method.num_ddim_timesteps={grid}")
         reward_cfg = self.reward_cfg(ctx)
         reward_name = "none" if reward_cfg is None else str(reward_cfg.get("name", "none"))
         reward = None

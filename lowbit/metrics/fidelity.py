@@ -152,7 +152,8 @@ class EpsError(Metric):
     The trajectories are the FP model's, sampled with the run's sampler from the seed stream
     ``eps_error`` of the run's seed — neither the calibration noise nor the evaluation noise —
     for ``n`` samples at ``steps`` uniformly spaced kept steps, and cached like calibration
-    trajectories. An FP run (the student is the teacher) records 0 without computing.
+    trajectories. An FP run (the student is the teacher) records 0 without computing; a
+    guidance-distilled consistency student (``method=rglcd``) records nothing.
 
     n: held-out samples; steps: kept steps (at most the sampler's); batch_size: samples per
     forward (guidance doubles the network batch); per_step: also record every step's ε-MSE.
@@ -196,6 +197,12 @@ class EpsError(Metric):
         teacher = ctx.model.net
         if ctx.student is teacher:
             return {"eps_mse": 0.0, "eps_mse_weighted": 0.0}
+        from lowbit.models.guidance import guidance_embedding
+
+        if guidance_embedding(ctx.student) is not None:
+            # a guidance-distilled consistency student (RG-LCD) predicts the ODE's end from one
+            # call at its w; its ε is not meant to equal the teacher's at the same input
+            return {}
         by_step = eps_error_by_step(ctx.student, teacher, self.trajectories(ctx),
                                     self.batch_size)
         out = {"eps_mse": by_step["mean"], "eps_mse_weighted": by_step["weighted"]}

@@ -56,14 +56,30 @@ def rank_slice(batch: dict[str, Any], rank: int, world: int, halves: int = 1) ->
     return out
 
 
-class _StepDataset(Dataset):
-    def __init__(self, batch_fn: Callable[[int], dict[str, Any]], rank: int = 0, world: int = 1,
-                 halves: int = 1) -> None:
-        self.batch_fn = batch_fn
-        self.rank, self.world, self.halves = rank, world, halves
+def micro_batches(trainer: Any) -> int:
+    """Forward/backward passes per optimisation step: the trainer's ``accumulate_grad_batches``
+    (an int; Lightning's schedule of changing values is refused)."""
+    k = getattr(trainer, "accumulate_grad_batches", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={k!r}: lowbit splits every step's "
+                         f"batch into that many micro-batches; give a positive integer")
+    return k
 
-    def __getitem__(self, step: int) -> dict[str, Any]:
-        batch = rank_slice(dict(self.batch_fn(step)), self.rank, self.world, self.halves)
+
+class _StepDataset(Dataset):
+    """Item ``i`` is micro-batch ``i mod micro`` of step ``i // micro``: with ``micro`` passes
+    per step (Lightning's ``accumulate_grad_batches``) rank r's micro-batch m is part
+    ``r·micro + m`` of ``world·micro`` — the same rows whatever the mix of processes and
+    passes."""
+
+    def __init__(self, batch_fn: Callable[[int, int, int], dict[str, Any]], rank: int = 0,
+                 world: int = 1, micro: int = 1) -> None:
+        self.batch_fn = batch_fn
+        self.rank, self.world, self.micro = rank, world, micro
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        step, m = divmod(int(index), self.micro)
+        batch = dict(self.batch_fn(step, self.rank * self.micro + m, self.world * self.micro))
         batch["step"] = torch.tensor(step)
         return batch
 
@@ -73,24 +89,30 @@ class _StepDataset(Dataset):
 
 class _StepSampler(Sampler[int]):
     """Yields the next ``epoch_steps`` step indices starting at the trainer's global step (read
-    when an epoch's iterator is created — after a checkpoint has been restored)."""
+    when an epoch's iterator is created — after a checkpoint has been restored), each as its
+    ``micro`` micro-batch indices (``step·micro + m``)."""
 
-    def __init__(self, start: Callable[[], int], epoch_steps: int, max_steps: int) -> None:
+    def __init__(self, start: Callable[[], int], epoch_steps: int, max_steps: int,
+                 micro: int = 1) -> None:
         self.start, self.epoch_steps, self.max_steps = start, epoch_steps, max_steps
+        self.micro = micro
 
     def __iter__(self) -> Iterator[int]:
         s = self.start()
-        return iter(range(s, min(s + self.epoch_steps, self.max_steps)))
+        return iter(range(s * self.micro, min(s + self.epoch_steps, self.max_steps) * self.micro))
 
     def __len__(self) -> int:
-        return self.epoch_steps
+        return self.epoch_steps * self.micro
 
 
 class StepDataModule(L.LightningDataModule):
     """Base of the data modules: ``batch(step)`` defines the data; an epoch of the Trainer is
     ``epoch_steps`` steps (the checkpoint interval). Under DDP every rank builds the same
     ``batch(step)`` and trains on its slice (:func:`rank_slice`); ``halves`` says how many
-    stacked groups a batch holds (2 with guidance)."""
+    stacked groups a batch holds (2 with guidance). With ``trainer.accumulate_grad_batches=k``
+    each step's (rank's) batch is cut the same way into k micro-batches, one forward/backward
+    pass each, the optimiser stepping once: the step of the whole batch with 1/k of its
+    activation memory."""
 
     epoch_steps: int = 25
     max_steps: int = 0
@@ -99,12 +121,25 @@ class StepDataModule(L.LightningDataModule):
     def batch(self, step: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def local_batch(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        """Rank ``rank``'s part of step ``step``'s batch out of ``world``: by default the whole
+        batch, sliced (:func:`rank_slice`). A data module whose batches cost compute (the
+        teacher's trajectories) overrides it to compute only its rows."""
+        if world == 1:
+            return self.batch(step)
+        last = getattr(self, "_last_batch", None)  # the micro-batches of one step share it
+        if last is None or last[0] != step:
+            last = (step, self.batch(step))
+            self._last_batch = last
+        return rank_slice(last[1], rank, world, self.halves)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        micro = micro_batches(trainer)
         sampler = _StepSampler(lambda: int(trainer.global_step), self.epoch_steps,
-                               self.max_steps or trainer.max_steps)
-        return DataLoader(_StepDataset(self.batch, int(trainer.global_rank),
-                                       int(trainer.world_size), self.halves),
+                               self.max_steps or trainer.max_steps, micro)
+        return DataLoader(_StepDataset(self.local_batch, int(trainer.global_rank),
+                                       int(trainer.world_size), micro),
                           sampler=sampler, batch_size=None, num_workers=0)
 
 
@@ -155,6 +190,13 @@ class FPTrajectoryStream:
     resumed run) replays the trajectory from its noise, so the result depends on ``n`` only.
     ``denoiser`` is the teacher's adapter; ``conditions`` what the dataset offers to condition
     on (prompts for text models; class models draw labels uniformly).
+
+    ``__call__(n, rank, world)`` is rank ``rank``'s part of that batch when ``world`` processes
+    share it (:func:`rank_slice`'s rows): the trajectories are drawn for the whole batch and each
+    rank advances only its rows with the teacher, so the teacher's work is split too. A DDIM step
+    with η > 0 draws its noise for the whole batch and keeps the rank's rows, so the rows are
+    the same whatever the number of processes. Samplers that draw their step noise inside
+    diffusers' step (``ddpm``, ``lcm``) advance the whole batch on every rank.
     """
 
     def __init__(self, denoiser: Denoiser, sampler: SamplerConfig, batch_size: int,
@@ -165,7 +207,24 @@ class FPTrajectoryStream:
         self.conditions = conditions
         self.steps = len(build_scheduler(denoiser.noise_schedule, sampler.kind, sampler.steps)
                          .timesteps)
-        self._state: dict[str, Any] | None = None  # trajectory j at denoising step i
+        self.halves = 2 if denoiser.uses_guidance(sampler.guidance_scale) else 1
+        # per (rank, world) rows: trajectory j at denoising step i
+        self._states: dict[tuple[int, int], dict[str, Any]] = {}
+
+    @property
+    def row_local(self) -> bool:
+        """Whether a rank can advance its rows alone (the sampler's step noise, if any, is
+        drawn here for the whole batch)."""
+        return self.sampler.kind not in ("ddpm", "lcm")
+
+    def _rows(self, rank: int, world: int) -> slice:
+        if self.batch_size % world:
+            raise ValueError(
+                f"the step's batch ({self.batch_size} FP trajectories) cannot be split evenly "
+                f"over {world} processes; make the method's batch size a multiple of "
+                f"trainer.devices x trainer.num_nodes = {world}")
+        m = self.batch_size // world
+        return slice(rank * m, (rank + 1) * m)
 
     def _draw_cond(self, g: torch.Generator) -> Tensor | None:
         d, n = self.denoiser, self.batch_size
@@ -179,14 +238,16 @@ class FPTrajectoryStream:
             return d.make_cond([self.conditions[i] for i in idx], n)
         return None
 
-    def _start(self, j: int) -> dict[str, Any]:
+    def _start(self, j: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
         g = generator(self.seed, self.stream, j)
         cond = self._draw_cond(g)
         sched = build_scheduler(self.denoiser.noise_schedule, self.sampler.kind,
                                 self.sampler.steps)
         x = torch.randn((self.batch_size, *self.denoiser.sample_shape), generator=g)
-        return {"j": j, "i": 0, "x": x * sched.init_noise_sigma, "cond": cond, "sched": sched,
-                "gen": g}
+        rows = self._rows(rank, world)
+        return {"j": j, "i": 0, "rows": (rank, world), "slice": rows,
+                "x": (x * sched.init_noise_sigma)[rows],
+                "cond": cond[rows] if cond is not None else None, "sched": sched, "gen": g}
 
     @torch.no_grad()
     def _inputs_and_target(self, st: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
@@ -202,17 +263,24 @@ class FPTrajectoryStream:
     @torch.no_grad()
     def _advance(self, st: dict[str, Any], target: Tensor) -> None:
         """One sampler step with the FP (guided) ε — the trajectory never sees the student."""
-        eps = self.denoiser.combine(target, self.sampler.guidance_scale)
+        eps = self.denoiser.combine(target, self.sampler.guidance_scale).cpu()
         sched, t = st["sched"], st["sched"].timesteps[st["i"]]
         kw = step_kwargs(sched, self.sampler.eta, st["gen"])
-        st["x"] = sched.step(eps.cpu(), t, st["x"], **kw).prev_sample
+        if st["rows"][1] > 1 and kw.get("eta", 0.0) > 0:
+            # DDIM's noise for the whole batch (what diffusers would draw), the rank's rows kept
+            full = (self.batch_size, *eps.shape[1:])
+            kw["variance_noise"] = torch.randn(full, generator=kw.pop("generator"),
+                                               dtype=eps.dtype)[st["slice"]]
+        st["x"] = sched.step(eps, t, st["x"], **kw).prev_sample
         st["i"] += 1
 
-    def __call__(self, n: int) -> dict[str, Any]:
+    def __call__(self, n: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        if world > 1 and not self.row_local:
+            return rank_slice(self(n), rank, world, self.halves)
         j, i = divmod(int(n), self.steps)
-        st = self._state
+        st = self._states.get((rank, world))
         if st is None or st["j"] != j or st["i"] > i:
-            st = self._start(j)
+            st = self._start(j, rank, world)
         while True:
             inputs, target = self._inputs_and_target(st)
             if st["i"] == i:
@@ -220,7 +288,7 @@ class FPTrajectoryStream:
             self._advance(st, target)
         batch = {**inputs, "target": target}
         self._advance(st, target)  # ready for step n + 1
-        self._state = st
+        self._states[(rank, world)] = st
         return batch
 
 
@@ -230,10 +298,13 @@ class FPTrajectoryData(StepDataModule):
     def __init__(self, stream: FPTrajectoryStream) -> None:
         super().__init__()
         self.stream = stream
-        self.halves = 2 if stream.denoiser.uses_guidance(stream.sampler.guidance_scale) else 1
+        self.halves = stream.halves
 
     def batch(self, step: int) -> dict[str, Any]:
         return self.stream(step)
+
+    def local_batch(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        return self.stream(step, rank, world)  # the teacher runs on this rank's rows only
 
 
 class NoiseSchedule:

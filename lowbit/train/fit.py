@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
 from lowbit.train.data import StepDataModule
 from lowbit.train.module import StudentModule
@@ -179,7 +180,37 @@ def build_trainer(trainer_cfg: Any, ckpt_dir: Path, max_steps: int,
         use_distributed_sampler=False, enable_checkpointing=False,
     )
     kw.update(overrides)
-    return instantiate(trainer_cfg, **kw)
+    lightning_cfg = {k: v for k, v in _mapping(trainer_cfg).items() if k not in LOWBIT_KEYS}
+    return instantiate(lightning_cfg, **kw)
+
+
+#: keys of the ``trainer`` group that lowbit reads and Lightning does not take
+LOWBIT_KEYS = ("gradient_checkpointing",)
+
+
+def _mapping(trainer_cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(trainer_cfg, DictConfig):
+        return OmegaConf.to_container(trainer_cfg, resolve=True)
+    return dict(trainer_cfg)
+
+
+def set_gradient_checkpointing_(net: nn.Module, on: bool) -> None:
+    """Recompute each block's activations in backward instead of keeping them (diffusers'
+    ``enable_gradient_checkpointing``): the student's activation memory drops to about the
+    blocks' inputs plus one block's recompute, at about one more forward pass per step. The
+    quantizers recompute exactly what they computed: a timestep-aware quantizer keeps the step
+    its hook set until the next forward of the network."""
+    if not on:
+        if getattr(net, "is_gradient_checkpointing", False):
+            net.disable_gradient_checkpointing()
+        return
+    if not getattr(net, "_supports_gradient_checkpointing", False):
+        raise ValueError(f"trainer.gradient_checkpointing=true: {type(net).__name__} has no "
+                         f"gradient checkpointing in diffusers; pass "
+                         f"trainer.gradient_checkpointing=false")
+    net.enable_gradient_checkpointing()
 
 
 def _load_finished(module: StudentModule, path: Path, max_steps: int) -> float | None:
@@ -214,6 +245,8 @@ def fit_module(module: StudentModule, data: StepDataModule, trainer_cfg: Any, ck
             return FitStats(max_steps, finished, module.trainable_params, resume_from,
                             groups=groups, seconds_before=finished, start_step=max_steps)
     data.epoch_steps, data.max_steps = int(checkpoint_every), int(max_steps)
+    set_gradient_checkpointing_(module.student,
+                                bool(_mapping(trainer_cfg).get("gradient_checkpointing", False)))
     trainer = build_trainer(trainer_cfg, ckpt_dir, max_steps, loggers, callbacks, started=t0,
                             **trainer_overrides)
     if resume_from:

@@ -127,14 +127,17 @@ class StudentModule(L.LightningModule):
         # before the strategy wraps the module: DDP syncs the gradients of the parameters that
         # require them when it is built
         self.apply_trainable()
-        # each rank sees 1/world of every batch (lowbit.train.data.rank_slice): LSQ's gradient
-        # scale counts the whole batch
+        # each rank sees 1/world of every batch, in `micro` passes (lowbit.train.data.
+        # rank_slice): LSQ's gradient scale counts the whole batch
         from lowbit.quant.quantizers import UniformQuantizer
+        from lowbit.train.data import micro_batches
 
-        world = int(self.trainer.world_size) if self._trainer is not None else 1
+        split = 1
+        if self._trainer is not None:
+            split = int(self.trainer.world_size) * micro_batches(self.trainer)
         for m in self.student.modules():
             if isinstance(m, UniformQuantizer):
-                m.batch_split = world
+                m.batch_split = split
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         # a resumed fit loads its checkpoint before the strategy wraps the module: loading may
