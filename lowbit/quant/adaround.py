@@ -52,6 +52,9 @@ class AdaRoundConfig:
     input_from: str = "quant"  # quant: inputs from the partly quantized model (BRECQ/Q-Diffusion); fp
     act_quant: bool = False  # quantize activations during reconstruction (needs calibrate_ first)
     store_device: str | None = None  # where captured unit inputs live; "cpu" saves accelerator memory
+    # rows per iteration, drawn from one captured calibration batch (BRECQ/Q-Diffusion: 32);
+    # None: the whole captured batch
+    batch_size: int | None = None
     seed: int = 0
 
     @classmethod
@@ -74,6 +77,11 @@ class AdaRoundConfig:
             raise ValueError(f"adaround.input_from={self.input_from!r}; allowed: quant, fp.")
         if self.iters < 1:
             raise ValueError(f"adaround.iters={self.iters} must be >= 1.")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool)
+                                            or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"adaround.batch_size={self.batch_size!r} must be a positive "
+                             f"integer or null (the whole captured batch).")
 
 
 class AdaRoundRounding:
@@ -191,6 +199,27 @@ def capture_inputs(model: nn.Module, unit: nn.Module, batches: list[Mapping[str,
 
 def _to(x: Any, device: torch.device) -> Any:
     return _detach(x, str(device))
+
+
+def _rows(c: _Captured, target: Tensor, n: int | None, rng: random.Random
+          ) -> tuple[_Captured, Tensor]:
+    """``n`` random rows of a captured batch and its target (every tensor whose first axis is
+    the batch's, indexed alike); all of it when ``n`` is None or not smaller."""
+    rows = int(target.shape[0])
+    if n is None or n >= rows:
+        return c, target
+    idx = torch.tensor(sorted(rng.sample(range(rows), n)))
+
+    def pick(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == rows:
+            return x[idx.to(x.device)]
+        if isinstance(x, (list, tuple)):
+            return type(x)(pick(v) for v in x)
+        if isinstance(x, dict):
+            return {k: pick(v) for k, v in x.items()}
+        return x
+
+    return _Captured(pick(c.args), pick(c.kwargs), c.timestep), target[idx.to(target.device)]
 
 
 def _run_unit(unit: nn.Module, c: _Captured, device: torch.device) -> Tensor:
@@ -341,7 +370,8 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, batches: list[Mapping[s
             with torch.enable_grad():
                 for it in it_bar:
                     i = rng.randrange(len(inputs))
-                    loss = rec_loss(_run_unit(unit, inputs[i], device), targets[i].to(device))
+                    c, target = _rows(inputs[i], targets[i], cfg.batch_size, rng)
+                    loss = rec_loss(_run_unit(unit, c, device), target.to(device))
                     if it >= warm:
                         beta = beta_at(it, cfg)
                         loss = loss + cfg.reg_weight * sum(r.regularizer(beta) for _, r in rounders)
