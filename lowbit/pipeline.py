@@ -370,8 +370,6 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
     the other ranks None."""
     import hashlib
 
-    from safetensors.torch import load_file, save_file
-
     from lowbit.data.trajectories import model_fingerprint
 
     h = hashlib.sha256(repr((model.name, model_fingerprint(model.net), sampler, n, seed)).encode())
@@ -379,6 +377,23 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
         h.update(cond.detach().cpu().contiguous().numpy().tobytes())
     path = (Path(cache_dir) / "fp_samples" / f"{model.name or 'model'}-{h.hexdigest()[:16]}"
             ".safetensors") if cache_dir else None
+    # jobs running at once (a sweep, or the 2- and 4-step runs of one seed) share this cache:
+    # the first one samples, the others wait on the lock and then read its file, so no job
+    # reads or removes the shards another one is writing. Rank 0 holds it for the run's ranks.
+    lock = contextlib.nullcontext()
+    if path is not None and dist.is_main():
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_name(f"{path.name}.lock")))
+    with lock:
+        return _fp_samples_unlocked(model, sampler, cond, n, seed, path)
+
+
+def _fp_samples_unlocked(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | None,
+                         n: int, seed: int, path: Path | None) -> torch.Tensor | None:
+    from safetensors.torch import load_file, save_file
+
     cached = dist.broadcast(path is not None and path.is_file())
     if cached:
         if not dist.is_main():
@@ -397,7 +412,7 @@ def fp_samples(model: Denoiser, sampler: SamplerConfig, cond: torch.Tensor | Non
         return None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent jobs share the cache
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(path)
         store.remove()

@@ -594,3 +594,30 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(make_cfg, tmp_
     res = _run(cfg)  # a plain re-run: resumed because the fingerprint matches
     assert res["config"]["resume"] is True
     assert res["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def _fp_samples_job(cache_dir: str) -> bytes:
+    torch.set_num_threads(1)
+    from lowbit.models.digits import load_digits_model
+    from lowbit.pipeline import fp_samples
+    from lowbit.sampling import SamplerConfig
+
+    model = load_digits_model()
+    cond = torch.arange(12) % 10
+    images = fp_samples(model, SamplerConfig(kind="ddim", steps=4, guidance_scale=2.0,
+                                             batch_size=3), cond, 12, 0, Path(cache_dir))
+    return images.numpy().tobytes()
+
+
+def test_concurrent_jobs_share_the_fp_sample_cache(tmp_path):
+    """Jobs that need the same FP reference at once (a sweep's runs of one seed) must not read
+    or remove each other's shards: one samples, the others wait and read its file."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx) as pool:
+        out = list(pool.map(_fp_samples_job, [str(tmp_path)] * 3))
+    assert out[0] == out[1] == out[2]
+    cache = tmp_path / "fp_samples"
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob("*.shards"))
