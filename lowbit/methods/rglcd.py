@@ -155,6 +155,8 @@ class RewardTerm(LossTerm):
         object.__setattr__(self, "denoiser", denoiser)
 
     def forward(self, out: ConsistencyOutputs) -> Tensor:
+        if getattr(self.reward, "latent", False):  # a latent proxy: no decode
+            return self.reward(out.prediction, out.batch).mean()
         return self.reward(decode_with_grad(self.denoiser, out.prediction), out.batch).mean()
 
 
