@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.utils import instantiate
 
     from lowbit.cli import compose_config
-    from lowbit.methods.binary_qat import real_images
     from lowbit.methods.base import MethodContext
+    from lowbit.methods.binary_qat import real_images
     from lowbit.pipeline import build_dataset
     from lowbit.rewards import build_reward
 

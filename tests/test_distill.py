@@ -135,9 +135,10 @@ def test_fp_stream_ranks_advance_only_their_rows(setup, eta):
         FPTrajectoryStream(model, sampler, batch_size=3, seed=5)(0, 0, 2)
 
 
-@pytest.mark.parametrize("overrides", [("accumulate_grad_batches=2",),
-                                       ("accumulate_grad_batches=4",),
-                                       ("gradient_checkpointing=true",)])
+@pytest.mark.parametrize("overrides", [
+    ("accumulate_grad_batches=2",),
+    pytest.param(("accumulate_grad_batches=4",), marks=pytest.mark.slow),
+    pytest.param(("gradient_checkpointing=true",), marks=pytest.mark.slow)])
 def test_micro_batches_and_checkpointing_take_the_whole_batch_step(setup, tmp_path, overrides):
     """trainer.accumulate_grad_batches=k cuts each step's batch into k micro-batches (guidance
     pairs kept, LSQ counting the whole batch) and steps once; gradient checkpointing recomputes

@@ -48,8 +48,9 @@ def rank_slice(batch: dict[str, Any], rank: int, world: int, halves: int = 1) ->
         if per * halves != v.shape[0] or per % world:
             raise ValueError(
                 f"the step's batch ({k}: {v.shape[0]} rows in {halves} group(s)) cannot be split "
-                f"evenly over {world} processes; make the method's batch size a multiple of "
-                f"trainer.devices x trainer.num_nodes = {world}")
+                f"evenly into {world} parts (processes x micro-batches); make the method's batch "
+                f"size a multiple of trainer.devices x trainer.num_nodes x "
+                f"trainer.accumulate_grad_batches = {world}")
         m = per // world
         parts = [v[h * per + rank * m : h * per + (rank + 1) * m] for h in range(halves)]
         out[k] = parts[0] if halves == 1 else torch.cat(parts)
@@ -221,8 +222,9 @@ class FPTrajectoryStream:
         if self.batch_size % world:
             raise ValueError(
                 f"the step's batch ({self.batch_size} FP trajectories) cannot be split evenly "
-                f"over {world} processes; make the method's batch size a multiple of "
-                f"trainer.devices x trainer.num_nodes = {world}")
+                f"into {world} parts (processes x micro-batches); make the method's batch size "
+                f"a multiple of trainer.devices x trainer.num_nodes x "
+                f"trainer.accumulate_grad_batches = {world}")
         m = self.batch_size // world
         return slice(rank * m, (rank + 1) * m)
 
