@@ -659,7 +659,8 @@ def group_sizes(groups) -> dict[str, dict[str, int]]:
 
 
 def measure_finetune(arch: Arch, batch: int, method: str, steps: int = 2,
-                     saved: str = "memory", act_init: str | None = None) -> dict[str, Any]:
+                     saved: str = "memory", act_init: str | None = None,
+                     checkpointing: bool = False) -> dict[str, Any]:
     """``steps`` optimisation steps of QuEST's or EfficientDM's StudentModule on network batches
     of ``batch``: what Lightning's automatic optimisation runs per step (zero_grad,
     training_step, backward, optimizer step, scheduler step). EfficientDM's batches carry the
@@ -686,6 +687,10 @@ def measure_finetune(arch: Arch, batch: int, method: str, steps: int = 2,
                    max_samples=int(cfg.method.max_samples))
     build = _quest_module if method == "quest" else _efficientdm_module
     module = build(cfg, student, teacher, denoiser)
+    if checkpointing:  # what fit() does with trainer.gradient_checkpointing=true
+        from lowbit.train.fit import set_gradient_checkpointing_
+
+        set_gradient_checkpointing_(module.student, True)
     module.setup("fit")
     module.on_fit_start()
     conf = module.configure_optimizers()
@@ -721,6 +726,8 @@ def measure_finetune(arch: Arch, batch: int, method: str, steps: int = 2,
                trainable_param_bytes=storage_bytes(trainable), grad_bytes=per_step[-1]["grad_bytes"],
                optimizer_moment_bytes=ob["moments"], optimizer_other_bytes=ob["other"],
                steps=per_step, groups=group_sizes(module.groups))
+    if checkpointing:
+        res["unit_kind"] = "checkpointing"
     return res
 
 
@@ -734,7 +741,8 @@ def measure(step: str, arch: Arch, batch: int, unit: str = "params", saved: str 
     if step == "adaround":
         return measure_adaround(arch, batch, unit)
     if step in ("quest", "efficientdm"):
-        return measure_finetune(arch, batch, step, saved=saved)
+        return measure_finetune(arch, batch, step, saved=saved,
+                                checkpointing=unit == "checkpointing")
     raise ValueError(f"unknown step {step!r}; choose one of {', '.join(STEPS)}")
 
 
@@ -801,7 +809,7 @@ def summarize(step: str, runs: list[dict[str, Any]], rec: dict[str, Any]) -> dic
     for k in ("params", "teacher_params", "param_bytes", "teacher_param_bytes",
               "trainable_params", "trainable_param_bytes", "grad_bytes", "optimizer_moment_bytes",
               "optimizer_other_bytes", "weight_cache_bytes", "unit", "unit_params",
-              "rounding_bytes", "saved_largest", "saved_by_module", "groups"):
+              "rounding_bytes", "saved_largest", "saved_by_module", "groups", "unit_kind"):
         if k in last:
             out[k] = last[k]
     out["saved_bytes_fixed"], out["saved_bytes_per_network_sample"] = fit(runs, "saved_bytes")
@@ -894,15 +902,19 @@ def table(summaries: list[dict[str, Any]]) -> str:
                              [*other, f"captured inputs in host memory {gib(c['host_bytes'])}"],
                              c["projected_gpu_bytes"], c["verdict"], c["max_samples_per_batch"]))
             continue
+        if s.get("unit_kind") == "checkpointing":
+            name += " with `trainer.gradient_checkpointing=true`"
         lines.append(row(name, s, other, s["projected_gpu_bytes"], s["verdict"],
                          s["max_samples_per_batch"]))
     return "\n".join(lines)
 
 
 def plan() -> list[tuple[str, str | None]]:
-    """(step, AdaRound unit) in table order."""
-    return [(step, unit) for step in STEPS
-            for unit in (("params", "activations") if step == "adaround" else (None,))]
+    """(step, variant) in table order: AdaRound's two units; the fine-tuning steps as the
+    recipes run them and with ``trainer.gradient_checkpointing=true``."""
+    variants = {"adaround": ("params", "activations"), "quest": (None, "checkpointing"),
+                "efficientdm": (None, "checkpointing")}
+    return [(step, unit) for step in STEPS for unit in variants.get(step, (None,))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -915,10 +927,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     ap.add_argument("--one", choices=STEPS, help="(internal) one measurement in this process")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--unit", default="params", choices=("params", "activations"))
+    ap.add_argument("--unit", default="params", choices=("params", "activations", "checkpointing"))
     ap.add_argument("--saved", choices=SAVED_MODES, default=None,
                     help="where fine-tuning's saved activations stay (default: zeros at SD size, "
                          "where they do not fit in this machine's memory; memory otherwise)")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only these variants of the --steps (plain, checkpointing, params, "
+                         "activations); the others are taken from --out")
     args = ap.parse_args(argv)
     if args.one:
         torch.set_num_threads(1)
@@ -940,20 +955,42 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # EfficientDM's loss guides ε from [cond | uncond] pairs: even network batches
             runs = []
-            for b in ([2, 4] if step == "efficientdm" else [1, 2]):
-                print(f"{step}{f' ({unit})' if unit else ''}: network batch {b} …", flush=True)
-                saved = args.saved or ("zeros" if arch.name == "sd15" else "memory")
-                runs.append(run_isolated(step, arch.name, b, unit or "params", saved))
+            if args.variants and (unit or "plain") not in args.variants:
+                if (step, unit) not in old:
+                    continue
+                summaries.append(summarize(step, old[(step, unit)], recipe_sizes(step)))
+                continue
+            try:
+                for b in ([2, 4] if step == "efficientdm" else [1, 2]):
+                    print(f"{step}{f' ({unit})' if unit else ''}: network batch {b} …",
+                          flush=True)
+                    # checkpointing keeps its saved tensors itself: held, not laid out
+                    saved = args.saved or ("zeros" if arch.name == "sd15"
+                                           and unit != "checkpointing" else "memory")
+                    runs.append(run_isolated(step, arch.name, b, unit or "params", saved))
+            except RuntimeError as e:  # e.g. killed for this machine's memory: kept as is
+                print(f"  {step} ({unit}): not measured: {str(e)[:300]}", flush=True)
+                if (step, unit) in old:
+                    summaries.append(summarize(step, old[(step, unit)], recipe_sizes(step)))
+                continue
         s = summarize(step, runs, recipe_sizes(step))
         summaries.append(s)
         print(f"  {step}: {gib(s['projected_gpu_bytes'])} GiB at network batch "
               f"{s['recipe_network_batch']}: {s['verdict']}", flush=True)
+        # each finished step is kept at once, with the earlier results of the steps to come
+        later = [summarize(st, old[(st, u)], recipe_sizes(st)) for st, u in
+                 plan()[plan().index((step, unit)) + 1 :] if (st, u) in old]
+        _write(args.out, arch, summaries + later)
+    _write(args.out, arch, summaries)
+    print(table(summaries))
+    return 0
+
+
+def _write(out: Path, arch: Arch, summaries: list[dict[str, Any]]) -> None:
     result = {"arch": dataclasses.asdict(arch), "torch": torch.__version__,
               "gpu_bytes": GPU_BYTES, "gpu_reserve_bytes": GPU_RESERVE,
               "child_env": CHILD_ENV, "steps": summaries}
-    args.out.write_text(json.dumps(result, indent=1))
-    print(table(summaries))
-    return 0
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
