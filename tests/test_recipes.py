@@ -59,7 +59,9 @@ PAPER = {
         "model.name": "sd14", "method.name": "quest", "bits.name": "w4a4", "sampler.kind": "plms",
         "sampler.steps": 50, "sampler.guidance_scale": 7.5, "model.resolution": 512,
         "metrics.num_samples": 10000, "method.calib_n": 128, "method.calib_steps": 25,
-        "method.bits_rules.sm_bits": 16, "model.quest_critical_layers": ["*ff.net.*"]},
+        "method.bits_rules.sm_bits": 16, "model.quest_critical_layers": ["*ff.net.*"],
+        "method.calib_batch_size": 4, "trainer.accumulate_grad_batches": 2,
+        "trainer.gradient_checkpointing": True},
     "efficientdm/imagenet": {
         "model.name": "ldm4_imagenet", "method.name": "efficientdm", "bits.name": "w4a4",
         "sampler.steps": 20, "sampler.eta": 0.0, "sampler.guidance_scale": 3.0,
