@@ -6,7 +6,7 @@ from pathlib import Path
 runs = Path(__file__).parent / "runs"
 rows = ["| job | processes | sampling s | fine-tune s | total s | FID | PSNR to FP |",
         "|---|---|---|---|---|---|---|"]
-for job in ("sample_fp", "efficientdm_w4a4"):
+for job in ("sample_fp", "efficientdm_w4a4", "efficientdm_w4a4_b128"):
     for p in (1, 2):
         f = runs / f"{job}_p{p}" / "results.json"
         if not f.is_file():
