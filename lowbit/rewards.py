@@ -15,6 +15,11 @@ student's one-step prediction (``L = L_LCD − β·R``).
 ``clip``        cosine similarity of CLIP image and prompt embeddings, CLIP loaded   working
                 from a local folder or the local hub cache (never downloaded), as
                 the ``clip`` metric loads it
+``pickscore``   PickScore (a CLIP-H fine-tuned on human preferences, Kirstain et al.  working
+                2023): logit_scale · cos(image, prompt), from a local folder holding
+                the PickScore model and the CLIP-H processor (save_pretrained)
+latent_proxy    RG-LCD's latent proxy (:mod:`lowbit.proxy_reward`): a small network  working
+                on latents fitted to an expert reward's preferences; no decode
 ``hpsv2``,      human-preference reward models (HPSv2, ImageReward) — the paper's    refused
 ``imagereward`` experts; not implemented: a run naming them fails before compute     (stub)
 ==============  ===================================================================  ===========
@@ -30,7 +35,8 @@ from torch import Tensor, nn
 
 from lowbit.config import ConfigError
 
-__all__ = ["ClipReward", "DigitsReward", "Reward", "UnavailableReward", "build_reward"]
+__all__ = ["ClipReward", "DigitsReward", "PickScoreReward", "Reward", "UnavailableReward",
+           "build_reward"]
 
 
 class Reward:
@@ -102,6 +108,8 @@ class ClipReward(Reward):
     ``image_idx``."""
 
     name = "clip"
+    #: multiply the cosine by the model's learnt temperature (PickScore's score)
+    logit_scaled = False
 
     def __init__(self, model_path: str | None = None) -> None:
         self.model_path = model_path
@@ -145,7 +153,19 @@ class ClipReward(Reward):
         with torch.no_grad():
             txt = _features(model.get_text_features(input_ids=tok["input_ids"].to(dev),
                                                     attention_mask=tok["attention_mask"].to(dev)))
-        return F.cosine_similarity(img.float(), txt.float(), dim=-1)
+        cos = F.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return cos * model.logit_scale.exp().float() if self.logit_scaled else cos
+
+
+class PickScoreReward(ClipReward):
+    """PickScore: ``logit_scale · cos(E_image, E_prompt)`` of the PickScore model (a CLIP-H
+    fine-tuned on Pick-a-Pic preferences), with CLIP-H's processor — loaded from one local
+    folder holding both, e.g. ``CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1")`` and
+    ``CLIPProcessor.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")`` saved into it
+    with ``save_pretrained``. The preprocessing and the gradient are :class:`ClipReward`'s."""
+
+    name = "pickscore"
+    logit_scaled = True
 
 
 class UnavailableReward(Reward):
@@ -159,7 +179,8 @@ class UnavailableReward(Reward):
         why = f": {self.why}" if self.why else ""
         raise ConfigError("reward", self.name, f"not implemented in lowbit{why}",
                           "use reward=digits (built-in digits model), reward=clip "
-                          "reward.model_path=<local CLIP folder>, or reward=none")
+                          "reward.model_path=<local CLIP folder>, reward=pickscore "
+                          "reward.model_path=<local PickScore folder>, or reward=none")
 
 
 def build_reward(cfg: Any) -> Reward | None:

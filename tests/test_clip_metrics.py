@@ -351,3 +351,25 @@ def test_text_to_image_run_records_clip_and_paired_metrics(tmp_path, clip_dir, a
     assert m["mse"] == 0.0 and m["lpips"] == 0.0  # the FP model against itself
     assert m["ssim"] == pytest.approx(1.0, abs=1e-5)
     assert m["lpips_net"] == "alex"
+
+
+def test_pickscore_reward_is_the_temperature_scaled_clip_cosine(clip_dir, images):
+    """reward=pickscore: logit_scale · cos(image, prompt) of the CLIP-architecture model in the
+    folder (PickScore's score), with the gradient reaching the images; no folder is refused
+    naming reward.model_path."""
+    from transformers import CLIPModel
+
+    from lowbit.config import ConfigError
+    from lowbit.rewards import ClipReward, PickScoreReward
+
+    x = (images.float() / 127.5 - 1).requires_grad_(True)
+    batch = {"image_idx": torch.arange(len(PROMPTS))}
+    pick, clip = PickScoreReward(str(clip_dir)), ClipReward(str(clip_dir))
+    pick.captions = clip.captions = list(PROMPTS)
+    scale = float(CLIPModel.from_pretrained(str(clip_dir)).logit_scale.exp())
+    value = pick(x, batch)
+    assert torch.allclose(value, scale * clip(x, batch), rtol=1e-5)
+    value.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="reward.model_path"):
+        PickScoreReward(None).check()
