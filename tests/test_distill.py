@@ -135,6 +135,7 @@ def test_fp_stream_ranks_advance_only_their_rows(setup, eta):
         FPTrajectoryStream(model, sampler, batch_size=3, seed=5)(0, 0, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("accumulate_grad_batches=2",),
     pytest.param(("accumulate_grad_batches=4",), marks=pytest.mark.slow),

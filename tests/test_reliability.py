@@ -609,6 +609,7 @@ def _fp_samples_job(cache_dir: str) -> bytes:
     return images.numpy().tobytes()
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_the_fp_sample_cache(tmp_path):
     """Jobs that need the same FP reference at once (a sweep's runs of one seed) must not read
     or remove each other's shards: one samples, the others wait and read its file."""
