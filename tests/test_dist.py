@@ -37,6 +37,22 @@ def test_rank_slice_keeps_guidance_pairs():
         rank_slice(batch, 0, 3, halves=2)
 
 
+def test_micro_batches_are_parts_of_the_ranks_slice():
+    """With k passes per step (trainer.accumulate_grad_batches), the sampler yields each step k
+    times and rank r's pass m is part r·k + m of world·k: the rows one process with world·k
+    passes would use, guidance pairs kept."""
+    from lowbit.train.data import _StepDataset, _StepSampler
+
+    assert list(_StepSampler(lambda: 3, epoch_steps=2, max_steps=10, micro=2)) == [6, 7, 8, 9]
+    assert list(_StepSampler(lambda: 9, epoch_steps=2, max_steps=10, micro=2)) == [18, 19]
+    x = torch.arange(8).reshape(8, 1)  # [c0 c1 c2 c3 | u0 u1 u2 u3]
+    ds = _StepDataset(lambda step, r, w: rank_slice({"x": x + 100 * step}, r, w, halves=2),
+                      rank=1, world=2, micro=2)
+    item = ds[7]  # step 3, the second pass of rank 1: part 3 of 4
+    assert int(item["step"]) == 3
+    assert item["x"].flatten().tolist() == [303, 307]
+
+
 def test_lsq_gradient_of_a_split_batch_equals_the_whole_batch():
     """Two ranks, each with half the batch and batch_split=2, average to the step-size gradient
     of one process with the whole batch (what DDP applies); without the split they would not."""
