@@ -357,3 +357,25 @@ def test_latent_proxy_learns_the_experts_preferences():
                                      n_val=512, steps=200, batch_size=128, seed=0)
     assert abs(record["val_agreement_init"] - 0.5) < 0.1
     assert record["val_agreement"] > 0.8, record
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_student(make_cfg, tmp_path, monkeypatch):
+    """trainer.gradient_checkpointing=true (the SD recipe's setting) recomputes the student's
+    blocks in backward: the consistency step and its reward gradient are unchanged."""
+    enabled = []
+    real = fit_mod.set_gradient_checkpointing_
+
+    def spy(net, on):
+        real(net, on)
+        enabled.append(bool(on) and bool(getattr(net, "is_gradient_checkpointing", False)))
+
+    monkeypatch.setattr(fit_mod, "set_gradient_checkpointing_", spy)
+    a, _ = _prepare(make_cfg, tmp_path / "a", "method.beta=0.5", seed=1)
+    b, _ = _prepare(make_cfg, tmp_path / "b", "method.beta=0.5",
+                    "trainer.gradient_checkpointing=true", seed=1)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if sa[k].is_floating_point():
+            assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
+    assert enabled == [False, True]  # the second fit ran with its blocks recomputed
