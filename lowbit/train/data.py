@@ -45,16 +45,23 @@ def rank_slice(batch: dict[str, Any], rank: int, world: int, halves: int = 1) ->
             out[k] = v
             continue
         per = v.shape[0] // halves
-        if per * halves != v.shape[0] or per % world:
-            raise ValueError(
-                f"the step's batch ({k}: {v.shape[0]} rows in {halves} group(s)) cannot be split "
-                f"evenly into {world} parts (processes x micro-batches); make the method's batch "
-                f"size a multiple of trainer.devices x trainer.num_nodes x "
-                f"trainer.accumulate_grad_batches = {world}")
-        m = per // world
+        if per * halves != v.shape[0]:
+            per = -1  # not whole groups: refused below
+        m = part_size(per, world, f"{k}: {v.shape[0]} rows in {halves} group(s)")
         parts = [v[h * per + rank * m : h * per + (rank + 1) * m] for h in range(halves)]
         out[k] = parts[0] if halves == 1 else torch.cat(parts)
     return out
+
+
+def part_size(rows: int, world: int, what: str) -> int:
+    """Rows of each of ``world`` equal parts of ``rows``; refused, naming the fix, when they are
+    not equal (``what`` says which batch)."""
+    if rows < 0 or rows % world:
+        raise ValueError(
+            f"the step's batch ({what}) cannot be split evenly into {world} parts (processes x "
+            f"micro-batches); make the method's batch size a multiple of trainer.devices x "
+            f"trainer.num_nodes x trainer.accumulate_grad_batches = {world}")
+    return rows // world
 
 
 def micro_batches(trainer: Any) -> int:
@@ -118,6 +125,7 @@ class StepDataModule(L.LightningDataModule):
     epoch_steps: int = 25
     max_steps: int = 0
     halves: int = 1
+    _last_batch: tuple[int, dict[str, Any]] | None = None  # (step, batch) its passes share
 
     def batch(self, step: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -128,7 +136,7 @@ class StepDataModule(L.LightningDataModule):
         teacher's trajectories) overrides it to compute only its rows."""
         if world == 1:
             return self.batch(step)
-        last = getattr(self, "_last_batch", None)  # the micro-batches of one step share it
+        last = self._last_batch
         if last is None or last[0] != step:
             last = (step, self.batch(step))
             self._last_batch = last
@@ -219,13 +227,7 @@ class FPTrajectoryStream:
         return self.sampler.kind not in ("ddpm", "lcm")
 
     def _rows(self, rank: int, world: int) -> slice:
-        if self.batch_size % world:
-            raise ValueError(
-                f"the step's batch ({self.batch_size} FP trajectories) cannot be split evenly "
-                f"into {world} parts (processes x micro-batches); make the method's batch size "
-                f"a multiple of trainer.devices x trainer.num_nodes x "
-                f"trainer.accumulate_grad_batches = {world}")
-        m = self.batch_size // world
+        m = part_size(self.batch_size, world, f"{self.batch_size} FP trajectories")
         return slice(rank * m, (rank + 1) * m)
 
     def _draw_cond(self, g: torch.Generator) -> Tensor | None:
@@ -306,6 +308,8 @@ class FPTrajectoryData(StepDataModule):
         return self.stream(step)
 
     def local_batch(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        if not self.stream.row_local:  # the whole batch, built once for the step's passes
+            return super().local_batch(step, rank, world)
         return self.stream(step, rank, world)  # the teacher runs on this rank's rows only
 
 
