@@ -1,43 +1,89 @@
-"""One table of every run under experiments/binary_digits with the binary papers' cost columns
-(size, OPs = BOPs/64 + FLOPs, training time), which lowbit-report's fixed cost columns do not
-show. Usage: .venv/bin/python experiments/binary_digits/summary.py > experiments/binary_digits/summary.md
+"""The binary_digits table from its runs' results.json: one row per configuration, mean ± sample
+std over its seeds (n given), only finished runs, then each row's values per seed; the FP row is
+the FP reference of ../ptq_digits (same model, sampler, seeds and N).
+
+    python experiments/binary_digits/summary.py > experiments/binary_digits/summary.md
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
-HERE = Path(__file__).parent
-ORDER = ["fp", "w1_weights", "w1a4_baseline", "w1a4_binarydm", "w1a1_baselines", "w1a1_bidm",
-         "w1a1_bidm_spd_only", "w1a1_long", "lora_irqlora", "lora_qalora"]
+HERE = Path(__file__).resolve().parent
+SWEEP = HERE / "sweep"
+FP = HERE.parent / "ptq_digits" / "sweep" / "fp"
+
+# (row label, sweep folder): the order of the table
+ROWS = [
+    ("FP (../ptq_digits)", FP),
+    ("W1A4 XNOR baseline", SWEEP / "xnor_w1a4"),
+    ("W1A4 BinaryDM", SWEEP / "binarydm"),
+    ("W1A4 BinaryDM −EBB", SWEEP / "binarydm_no_ebb"),
+    ("W1A4 BinaryDM −LRM", SWEEP / "binarydm_no_lrm"),
+    ("W1A1 XNOR baseline", SWEEP / "xnor_w1a1"),
+    ("W1A1 BiDM", SWEEP / "bidm"),
+    ("W1A1 BiDM −TBS", SWEEP / "bidm_no_tbs"),
+    ("W1A1 BiDM −SPD", SWEEP / "bidm_no_spd"),
+]
+COLS = [("FID", "fid", 2), ("KID ×10³", "kid", 1), ("cond. acc.", "cond_acc", 3),
+        ("PSNR to FP", "psnr", 2), ("feat. dist. to FP", "feat_dist", 2),
+        ("ε error (1−ᾱ)-weighted", "eps_mse_weighted", 4)]
 
 
-def fmt(v: object, spec: str) -> str:
-    return "" if v is None else format(v, spec)
+def runs(folder: Path) -> list[dict]:
+    done = []
+    for f in sorted(folder.glob("*/results.json")):
+        r = json.loads(f.read_text())
+        if r.get("status") == "done":
+            done.append(r)
+    return sorted(done, key=lambda r: int(r["seed"]))
+
+
+def values(done: list[dict], key: str) -> list[float]:
+    """``metrics[key]`` of the runs that recorded it (the FP row has no fidelity to itself)."""
+    return [float(r["metrics"][key]) for r in done if r["metrics"].get(key) is not None]
+
+
+def fmt(values: list[float], digits: int) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "–"
+    m = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
-    rows = [(sweep, path, json.loads(path.read_text())) for sweep in ORDER
-            for path in sorted((HERE / sweep).glob("*/results.json"),
-                               key=lambda p: int(p.parent.name))]
-    # method=fp records no OPs: take the FP model's numbers the other runs measured as reference
-    ref = next((r["cost"] for _, _, r in rows if "ops_fp" in r.get("cost", {})), {})
-    print("| sweep/job | method | bits | FID | cond. acc. | size MB | size × | OPs (M) | OPs × "
-          "| train s | sample s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for sweep, path, r in rows:
-        m, c = r.get("metrics", {}), r.get("cost", {})
-        if r["method"] == "fp":
-            c = {**c, "ops": ref.get("ops_fp"), "ops_x": 1.0}
-        fp_mb, ops = c.get("size_fp_mb", ref.get("size_fp_mb")), c.get("ops")
-        print(f"| {sweep}/{path.parent.name} | {r['method']} | {r['bits']} "
-              f"| {fmt(m.get('fid'), '.2f')} | {fmt(m.get('cond_acc'), '.3f')} "
-              f"| {fmt(c.get('size_mb'), '.3f')} "
-              f"| {fmt(fp_mb / c['size_mb'] if fp_mb and c.get('size_mb') else None, '.1f')} "
-              f"| {fmt(ops / 1e6 if ops else None, '.2f')} | {fmt(c.get('ops_x'), '.1f')} "
-              f"| {fmt(c.get('train_s', c.get('finetune_s')), '.0f')} "
-              f"| {fmt(c.get('sample_s'), '.0f')} |")
+    head = ["row", "label (bits)", "n", *[c[0] for c in COLS], "size ×", "OPs ×", "fine-tune s",
+            "sampling × FP"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    per_seed = []
+    for name, folder in ROWS:
+        done = runs(folder)
+        if not done:
+            continue
+        r0 = done[0]
+        cells = [name, f"{r0['method']} ({r0['bits']})", str(len(done))]
+        for _, key, digits in COLS:
+            cells.append(fmt(values(done, key), digits))
+        cost = [r["cost"] for r in done]
+        cells.append(fmt([c["size_x"] for c in cost if "size_x" in c], 1))
+        cells.append(fmt([c["ops_x"] for c in cost if "ops_x" in c], 1))
+        cells.append(fmt([c["finetune_s"] for c in cost if "finetune_s" in c], 0))
+        cells.append(fmt([c["sample_x_fp"] for c in cost if "sample_x_fp" in c], 2))
+        print("| " + " | ".join(cells) + " |")
+        seeds = "/".join(str(r["seed"]) for r in done)
+        vals = "; ".join(
+            f"{label} " + "/".join(f"{v:.{digits}f}" for v in values(done, key))
+            for label, key, digits in COLS[:1] + COLS[3:4] + COLS[5:] if values(done, key))
+        per_seed.append(f"- {name} (seeds {seeds}): {vals}")
+    print("\nPer seed:\n")
+    print("\n".join(per_seed))
 
 
 if __name__ == "__main__":
