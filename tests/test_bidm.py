@@ -287,40 +287,16 @@ def test_labels_name_the_ablations():
 
 
 # -- the effect of TBS, against the same run with it switched off ---------------------------------
-def _held_out_eps_error(make_cfg, out, seed: int, *overrides: str) -> float:
-    """BiDM trained with the digits experiment config at 100 steps of batch 32, measured by the
-    (1−ᾱ)-weighted ε error against FP on 32 held-out FP trajectories (their own noise, seed 777)."""
-    from pathlib import Path
-
-    from lowbit.data.trajectories import fp_trajectories
-    from lowbit.methods import build_method
-    from lowbit.methods.ptq import sampler_config
-    from lowbit.metrics.fidelity import eps_error_by_step
-
-    cfg = make_cfg("experiment=digits/bidm", "method.steps=100", "method.batch_size=32",
-                   "method.checkpoint_every=100", f"seed={seed}", "logger=none", *overrides,
-                   output_dir=out)
-    loaded = load_digits_model()
-    ctx = MethodContext(cfg=cfg, output_dir=out, cache_dir=Path(cfg.paths.cache_dir),
-                        model=loaded)
-    held = fp_trajectories(loaded, sampler_config(cfg), n=32, calib_steps=10, seed=777,
-                           cache_dir=ctx.cache_dir)
-    torch.manual_seed(seed)
-    student = build_method(cfg.method).prepare(loaded.net, ctx)
-    return eps_error_by_step(student, loaded.net, held, batch_size=32)["weighted"]
-
-
 @pytest.mark.slow
-def test_tbs_beats_bidm_without_it_by_more_than_the_seed_spread(make_cfg, tmp_path,
-                                                                single_thread):
+def test_tbs_beats_bidm_without_it_by_more_than_the_seed_spread(held_out_eps_error):
     """EFFECT (about 10 min on one thread): BiDM with and without TBS, seeds 0 and 1, same steps,
     data and SPD. Measured (100 steps of batch 32): with TBS 0.0451 / 0.0477, without 0.0976 /
     0.0985; the seed spread is 0.003 at most. The full method's worst seed must stay below the
     ablation's best by three times the larger spread (at 300 steps of batch 64 the table of
     experiments/binary_digits has FID 52 with TBS, 220 without)."""
-    full = [_held_out_eps_error(make_cfg, tmp_path / f"tbs{s}", s) for s in (0, 1)]
-    off = [_held_out_eps_error(make_cfg, tmp_path / f"no_tbs{s}", s, "method.tbs=false")
-           for s in (0, 1)]
+    train = ("experiment=digits/bidm", "method.steps=100", "method.batch_size=32")
+    full = [held_out_eps_error(s, *train) for s in (0, 1)]
+    off = [held_out_eps_error(s, *train, "method.tbs=false") for s in (0, 1)]
     spread = max(max(full) - min(full), max(off) - min(off))
     print(f"weighted eps error: TBS {full}, no TBS {off}, spread {spread:.4f}")
     assert max(full) + 3 * spread < min(off), (full, off)

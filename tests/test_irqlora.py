@@ -122,3 +122,18 @@ def test_irqlora_run_records_entropy_and_costs(make_cfg):
     c = res["cost"]
     assert c["trainable_params"] > 0 and c["size_x"] > 2 and "ops" in c and "finetune_s" in c
     assert "calib_s" in c and 0 < c["trainable_share"] < 1
+
+
+@pytest.mark.slow
+def test_icq_beats_irqlora_without_it_by_more_than_the_seed_spread(held_out_eps_error):
+    """EFFECT (about 7 min on one thread): IR-QLoRA at W2A16 with and without ICQ, seeds 0 and 1,
+    the method's defaults (100 steps of batch 16). Measured: with ICQ 0.0215 / 0.0220, without
+    0.0263 / 0.0264; the seed spread is 0.0006 at most. The full method's worst seed must stay
+    below the ablation's best by three times the larger spread. (IEC measured 0.0215 / 0.0221
+    without it: no effect at this budget, so it has no such test.)"""
+    full = [held_out_eps_error(s, "method=irqlora", "bits=w2a16") for s in (0, 1)]
+    off = [held_out_eps_error(s, "method=irqlora", "bits=w2a16", "method.icq=false")
+           for s in (0, 1)]
+    spread = max(max(full) - min(full), max(off) - min(off))
+    print(f"weighted eps error: ICQ {full}, no ICQ {off}, spread {spread:.4f}")
+    assert max(full) + 3 * spread < min(off), (full, off)
