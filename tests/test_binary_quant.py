@@ -33,6 +33,40 @@ def test_sign_is_plus_minus_one_with_clipped_ste():
     assert x.grad.tolist() == [0, 1, 1, 1, 0]  # 1{|x| <= 1}
 
 
+def test_sign_codes_of_edge_values_match_the_comparison():
+    """The codes are where(x < 0, −1, +1) for every float: ±0, the smallest subnormals, ±inf
+    and NaN (which is not < 0) included."""
+    e = torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf"), float("nan"),
+                      3.0, -3.0, 0.5, -0.5])
+    ref = torch.where(e < 0, -1.0, 1.0)
+    assert torch.equal(sign_clip_ste(e), ref) and torch.equal(sign_quad_ste(e), ref)
+    b = ActBinarizer(1, -1, threshold=True, ste="quad")
+    with torch.no_grad():  # the in-place path of sampling
+        assert torch.equal(b(e[:, None].clone()).squeeze(1), ref)
+
+
+@pytest.mark.parametrize("shortcut", ["identity", "conv", "none"])
+@pytest.mark.parametrize("scaling", ["learned", "xnor", "none"])
+def test_binary_layers_sample_bit_identically_without_a_graph(scaling, shortcut):
+    """Without autograd (sampling) a binary layer updates its GEMM output in place and fuses the
+    bias into the GEMM when nothing scales it: the same values as the training-mode forward."""
+    import lowbit.methods.bidm  # noqa: F401 - registers the shortcut kinds
+
+    spec = BinarySpec(weight="xnor", act="rsign", scaling=scaling, shortcut=shortcut)
+    _, m = _binary_tiny(spec)
+    with torch.no_grad():
+        for b in (m.body, m.head):
+            b.input_quantizer.threshold.copy_(torch.linspace(-0.3, 0.3, b.input_quantizer.channels))
+    x = torch.randn(3, 2, 6, 6)
+    graph = m(x)
+    with torch.no_grad():
+        plain = m(x)
+    if scaling == "none":  # bias inside the GEMM: one rounding fewer, not the same bits
+        torch.testing.assert_close(plain, graph)
+    else:
+        assert torch.equal(plain, graph.detach())
+
+
 def test_quadratic_ste_gradient_is_approxsign_derivative():
     x = X.clone().requires_grad_(True)
     sign_quad_ste(x).sum().backward()

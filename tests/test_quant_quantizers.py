@@ -81,6 +81,8 @@ def test_per_tensor_act_bit_exact(bits: int, symmetric: bool) -> None:
         for inp in (x, ties, torch.randn(6, 9, generator=torch.Generator().manual_seed(seed)) * 2):
             ref = torch.fake_quantize_per_tensor_affine(inp, float(s), zi, qmin, qmax)
             assert torch.equal(q(inp), ref)
+            with torch.no_grad():  # the in-place sampling path (one clamp with shifted bounds)
+                assert torch.equal(q(inp), ref)
 
 
 def test_conv_activation_channel_axis_bit_exact() -> None:

@@ -176,14 +176,17 @@ class CrossTimestepBlock(nn.Module):
             src = torch.where(src == SOURCE_BEFORE, SOURCE_NONE, src)
         view = (-1, *[1] * (out.dim() - 1))
         if self._t is not None and bool((src != SOURCE_NONE).any()):
-            prev = last if before is None else torch.where(
-                (src == SOURCE_BEFORE).reshape(view), before, last)
+            from_before = src == SOURCE_BEFORE
+            prev = last if before is None or not bool(from_before.any()) else torch.where(
+                from_before.reshape(view), before, last)
             a = self.alpha_for(self._t, out) * (src != SOURCE_NONE).to(out.dtype).reshape(view)
             out = (1 - a) * out + a * prev
         new = out.detach()
         # the step before the next one: the old "last" where the timestep advanced, unchanged
         # where it repeated, nothing at a trajectory start (zeros, never read)
-        if last is not None:
+        if last is not None and bool((src == SOURCE_LAST).all()):
+            self._before = last  # every sample advanced (plain sampling): no selection needed
+        elif last is not None:
             keep = before if before is not None else torch.zeros_like(last)
             adv = (src == SOURCE_LAST).reshape(view)
             self._before = torch.where(adv, last, torch.where((src == SOURCE_BEFORE).reshape(view),

@@ -54,8 +54,10 @@ SCALINGS = ("none", "xnor", "learned")
 # maths
 # ------------------------------------------------------------------------------------------------
 def _sign(x: Tensor) -> Tensor:
-    # ±1 codes: sign(0) = +1 (torch.sign would give 0, a third level)
-    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+    # ±1 codes: sign(0) = sign(−0) = +1 (torch.sign alone would give 0, a third level), as
+    # where(x < 0, −1, 1): sign(x) + ½ is −½, ½ or 3/2, whose sign is the code. Elementwise
+    # arithmetic only: on CPU several times faster than the comparison and where.
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class _SignClipSTE(torch.autograd.Function):
@@ -213,6 +215,8 @@ class ActBinarizer(Binarizer):
     def binarize(self, x: Tensor) -> Tensor:
         if self.threshold is not None:
             x = x + _channel_view(self.threshold, x.dim(), self.channel_axis % x.dim())
+            if not torch.is_grad_enabled():  # sampling: the codes in place of the new sum
+                return x.sign_().add_(0.5).sign_()
         return sign_quad_ste(x) if self.ste == "quad" else sign_clip_ste(x)
 
     def extra_repr(self) -> str:
@@ -409,14 +413,26 @@ class _BinaryMixin:
                 macs += float(extra.extra_macs(x, y))
         return macs
 
-    def _binary_output(self, x: Tensor, y: Tensor, bias_shape: tuple[int, ...]) -> Tensor:
+    def _gemm_bias(self) -> Tensor | None:
+        """The bias when the GEMM adds it itself (no scaling factor multiplies the GEMM's
+        output): one pass over the output fewer."""
+        return self.bias if self.scaling is None or not self.binary_active else None
+
+    def _binary_output(self, x: Tensor, y: Tensor, bias_shape: tuple[int, ...],
+                       bias_added: bool) -> Tensor:
         active = self.binary_active
+        # y is this call's own GEMM output: without an autograd graph (sampling) it is updated
+        # in place — the same operations, no new tensor of its size per term
+        inplace = not torch.is_grad_enabled()
         if self.scaling is not None and active:
-            y = y * self.scaling(x)
-        if self.bias is not None:
-            y = y + self.bias.reshape(bias_shape)
+            k = self.scaling(x)
+            y = y.mul_(k) if inplace and k.dim() == y.dim() else y * k
+        if self.bias is not None and not bias_added:
+            b = self.bias.reshape(bias_shape)
+            y = y.add_(b) if inplace else y + b
         if self.shortcut is not None and active:
-            y = y + self.shortcut(x, y)
+            sc = self.shortcut(x, y)
+            y = y.add_(sc) if inplace and sc.shape == y.shape else y + sc
         return y
 
 
@@ -424,16 +440,18 @@ class BinaryConv2d(_BinaryMixin, QuantConv2d):
     """1-bit Conv2d: ``conv(x̂, ŵ) [⊙ K(x)] + b [+ shortcut(x)]``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), None)
-        return self._binary_output(x, y, (1, -1, 1, 1))
+        bias = self._gemm_bias()
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), bias)
+        return self._binary_output(x, y, (1, -1, 1, 1), bias is not None)
 
 
 class BinaryLinear(_BinaryMixin, QuantLinear):
     """1-bit Linear: ``x̂ ŵᵀ [· K(x)] + b [+ shortcut(x)]``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(self.quantize_input(x), self.quantized_weight(), None)
-        return self._binary_output(x, y, (-1,))
+        bias = self._gemm_bias()
+        y = F.linear(self.quantize_input(x), self.quantized_weight(), bias)
+        return self._binary_output(x, y, (-1,), bias is not None)
 
 
 BINARY_TYPES: dict[type, type] = {QuantConv2d: BinaryConv2d, QuantLinear: BinaryLinear}

@@ -106,6 +106,12 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int
         # no autograd graph (sampling, evaluation): the same operations in place on ``v``,
         # bit-identical and without four temporaries the size of ``x``
         v.round_()
+        if zero_point is not None and zero_point.numel() == 1 and zero_point.device.type == "cpu":
+            # one integer zero point: clamp(round(v) + z, qmin, qmax) - z is
+            # clamp(round(v), qmin - z, qmax - z) exactly (integers in float32; where
+            # round(v) + z would round, both sides clamp to the same bound): two passes fewer
+            z = float(zero_point)
+            return v.clamp_(qmin - z, qmax - z).mul_(scale)
         if zero_point is not None:
             v.add_(zero_point)
         v.clamp_(qmin, qmax)
@@ -421,7 +427,10 @@ class UniformQuantizer(nn.Module):
         z = None
         if zero_point is not None:
             z = zero_point.float()
-            z = round_ste(grad_scale(z, g) if z.requires_grad else z)
+            if z.requires_grad and torch.is_grad_enabled():
+                z = round_ste(grad_scale(z, g))
+            else:  # no graph (sampling): the same rounding without the autograd Function
+                z = torch.round(z)
         xv, restore = self._view(x)
         s, z = self._broadcast(s, xv), None if z is None else self._broadcast(z, xv)
         return restore(fake_quantize(xv, s, z, self.qmin, self.qmax, self._rounding)).to(dtype)
