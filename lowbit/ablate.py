@@ -75,13 +75,21 @@ class Verdict:
     errors: tuple[float, ...]
     spread: float  # the larger seed spread (max − min) of the full method and this variant
     worse: bool  # the full method's worst seed + margin · spread < this variant's best seed
+    # seed by seed (same seed: same calibration data, initial state and batches): variant −
+    # full, their mean and sample std — a consistent gap can hide inside the seeds' spread
+    paired: tuple[float, ...]
+    paired_mean: float
+    paired_std: float
 
 
 def compare(full: Sequence[float], variant: Sequence[float], label: str,
             margin: float = 3.0) -> Verdict:
-    """The effect tests' rule: ``max(full) + margin · spread < min(variant)``."""
+    """The effect tests' rule, ``max(full) + margin · spread < min(variant)``, and the
+    per-seed differences."""
     spread = max(max(full) - min(full), max(variant) - min(variant))
-    return Verdict(label, tuple(variant), spread, max(full) + margin * spread < min(variant))
+    d = torch.tensor([v - f for f, v in zip(full, variant, strict=True)], dtype=torch.float64)
+    return Verdict(label, tuple(variant), spread, max(full) + margin * spread < min(variant),
+                   tuple(d.tolist()), float(d.mean()), float(d.std()) if len(d) > 1 else 0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,12 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     full = errors.pop("full")
     verdicts = [compare(full, v, label, a.margin) for label, v in errors.items()]
     print(f"\n| run | weighted ε error per seed ({a.seeds}) | worse than full "
-          f"(> {a.margin:g}× spread) |")
-    print("|---|---|---|")
-    print(f"| full | {' / '.join(f'{e:.5f}' for e in full)} | |")
+          f"(> {a.margin:g}× spread) | minus full, seed by seed (mean ± std) |")
+    print("|---|---|---|---|")
+    print(f"| full | {' / '.join(f'{e:.5f}' for e in full)} | | |")
     for v in verdicts:
         print(f"| {v.label} | {' / '.join(f'{e:.5f}' for e in v.errors)} | "
-              f"{'yes' if v.worse else 'no'} (spread {v.spread:.5f}) |")
+              f"{'yes' if v.worse else 'no'} (spread {v.spread:.5f}) | "
+              f"{' / '.join(f'{e:+.5f}' for e in v.paired)} ({v.paired_mean:+.5f} ± "
+              f"{v.paired_std:.5f}) |")
     if a.json:
         a.json.write_text(json.dumps({"overrides": a.overrides, "seeds": seeds, "full": full,
                                       "variants": [dataclasses.asdict(v) for v in verdicts]}, indent=1))
