@@ -22,5 +22,8 @@ lowbit -m experiment=digits/quest 'method.stages=[tla]' "${common[@]}" \
 # QuEST from the same start as EfficientDM and QAT (skip and downsample convs FP)
 lowbit -m experiment=digits/quest +method.bits_rules.skip_fp=true "${common[@]}" \
   hydra.sweep.dir=$out/sweep/quest_fpskip
+# EfficientDM at W2A8 (the benchmark's 1.5x-FP target), same digits budget and rules
+lowbit -m experiment=digits/efficientdm logger=none threads=${THREADS:-1} \
+  metrics.num_samples=1000 bits=w2a8 seed=0,1,2 hydra.sweep.dir=$out/sweep/efficientdm_w2a8
 echo "wall time: $(( $(date +%s) - start )) s"
 bash experiments/finish_sweep.sh $out
