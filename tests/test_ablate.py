@@ -14,8 +14,12 @@ def test_verdict_needs_the_margin_over_the_larger_spread():
     # better on every seed, yet inside 3× the spread: not worse by the rule ...
     v = compare([0.00887, 0.00936, 0.00930], [0.00951, 0.00995, 0.00971], "lrm")
     assert not v.worse and v.spread == pytest.approx(0.00049)
-    # ... while the per-seed gaps are all positive
-    assert all(d > 0 for d in v.paired)
+    # ... while the per-seed gaps are all positive and consistent: worse seed by seed
+    assert all(d > 0 for d in v.paired) and v.paired_worse
+    # a null comparison (EfficientDM W4A4 without its scale-aware rate, measured) is not
+    assert not compare([0.00181, 0.00164, 0.00218], [0.00181, 0.00167, 0.00225], "x").paired_worse
+    # positive on every seed but not consistent (mean ≤ 2 std): not worse seed by seed
+    assert not compare([1.0, 1.0, 1.0], [1.01, 1.01, 1.5], "x").paired_worse
     assert v.paired_mean == pytest.approx(0.000546667) and v.paired_std == pytest.approx(0.000121, rel=1e-2)
     # the rule scales with the margin
     assert compare([1.0, 1.1], [1.4, 1.5], "x", margin=2.0).worse
