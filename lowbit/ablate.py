@@ -23,7 +23,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +100,16 @@ def compare(full: Sequence[float], variant: Sequence[float], label: str,
     return Verdict(label, tuple(variant), spread, max(full) + margin * spread < min(variant),
                    tuple(d.tolist()), mean, std,
                    bool((d > 0).all()) and mean > PAIRED_MARGIN * std)
+
+
+def ablate(probe: Callable[..., float], overrides: Sequence[str], without: Sequence[str],
+           seeds: Sequence[int], margin: float = 3.0) -> tuple[list[float], Verdict]:
+    """``probe(seed, *overrides)`` (e.g. :func:`held_out_eps_error` bound to a folder) for the
+    full run and for it with ``without`` on top, over ``seeds``: the full run's errors and the
+    variant's :class:`Verdict`."""
+    full = [probe(s, *overrides) for s in seeds]
+    off = [probe(s, *overrides, *without) for s in seeds]
+    return full, compare(full, off, ",".join(without), margin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit.ablate import compare, main
+from lowbit.ablate import ablate, compare, main
 
 
 def test_verdict_needs_the_margin_over_the_larger_spread():
@@ -57,3 +57,16 @@ def test_a_weaker_variant_is_found_worse(tmp_path, capsys):
     (v,) = r["variants"]
     assert v["label"] == "bits=w4a4" and v["worse"], r
     assert "| bits=w4a4 |" in capsys.readouterr().out
+
+
+def test_ablate_runs_the_probe_for_each_seed_with_and_without():
+    calls = []
+
+    def probe(seed, *overrides):
+        calls.append((seed, overrides))
+        return 1.0 + seed * 0.01 + (0.5 if "x=off" in overrides else 0.0)
+
+    full, v = ablate(probe, ("exp=a",), ["x=off"], (0, 1, 2))
+    assert calls == [(0, ("exp=a",)), (1, ("exp=a",)), (2, ("exp=a",)),
+                     (0, ("exp=a", "x=off")), (1, ("exp=a", "x=off")), (2, ("exp=a", "x=off"))]
+    assert full == [1.0, 1.01, 1.02] and v.label == "x=off" and v.worse and v.paired_worse

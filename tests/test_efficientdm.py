@@ -247,11 +247,9 @@ def test_talsq_beats_efficientdm_without_it_seed_by_seed(held_out_eps_error):
     asks for the paired rule: every seed's gap positive and their mean above twice their std
     (without the scale-aware rate, a component with no effect, the gaps were +0.00000 / +0.00003
     / +0.00007: not worse)."""
-    from lowbit.ablate import compare
+    from lowbit.ablate import ablate
 
-    train = ("experiment=digits/efficientdm", "bits=w4a4")
-    full = [held_out_eps_error(s, *train) for s in (0, 1, 2)]
-    off = [held_out_eps_error(s, *train, "method.talsq=false") for s in (0, 1, 2)]
-    v = compare(full, off, "no TALSQ")
-    print(f"weighted eps error: TALSQ {full}, no TALSQ {off}, per seed {v.paired}")
+    full, v = ablate(held_out_eps_error, ("experiment=digits/efficientdm", "bits=w4a4"),
+                     ["method.talsq=false"], (0, 1, 2))
+    print(f"weighted eps error: TALSQ {full}, no TALSQ {v.errors}, per seed {v.paired}")
     assert v.paired_worse, v

@@ -120,11 +120,9 @@ def test_cma_beats_quest_with_tla_only_seed_by_seed(held_out_eps_error):
     only 0.00499 / 0.00482 / 0.00525. The seeds' spread (0.0004) exceeds the gap, but seed by
     seed CMA wins every time, by +0.00022 ± 0.00002. The test asks for the paired rule of
     :func:`lowbit.ablate.compare`: every seed's gap positive, their mean above twice their std."""
-    from lowbit.ablate import compare
+    from lowbit.ablate import ablate
 
-    train = ("experiment=digits/quest", "bits=w4a4")
-    full = [held_out_eps_error(s, *train) for s in (0, 1, 2)]
-    off = [held_out_eps_error(s, *train, "method.stages=[tla]") for s in (0, 1, 2)]
-    v = compare(full, off, "TLA only")
-    print(f"weighted eps error: TLA+CMA {full}, TLA only {off}, per seed {v.paired}")
+    full, v = ablate(held_out_eps_error, ("experiment=digits/quest", "bits=w4a4"),
+                     ["method.stages=[tla]"], (0, 1, 2))
+    print(f"weighted eps error: TLA+CMA {full}, TLA only {v.errors}, per seed {v.paired}")
     assert v.paired_worse, v
