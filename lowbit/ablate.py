@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 import tempfile
@@ -102,14 +103,23 @@ def compare(full: Sequence[float], variant: Sequence[float], label: str,
                    bool((d > 0).all()) and mean > PAIRED_MARGIN * std)
 
 
+def ablate_all(probe: Callable[..., float], overrides: Sequence[str],
+               variants: Sequence[Sequence[str]], seeds: Sequence[int],
+               margin: float = 3.0) -> tuple[list[float], list[Verdict]]:
+    """``probe(seed, *overrides)`` (e.g. :func:`held_out_eps_error` bound to a folder) for the
+    full run, once, and for it with each variant's overrides on top, over ``seeds``: the full
+    run's errors and one :class:`Verdict` per variant."""
+    full = [probe(s, *overrides) for s in seeds]
+    return full, [compare(full, [probe(s, *overrides, *v) for s in seeds], ",".join(v), margin)
+                  for v in variants]
+
+
 def ablate(probe: Callable[..., float], overrides: Sequence[str], without: Sequence[str],
            seeds: Sequence[int], margin: float = 3.0) -> tuple[list[float], Verdict]:
-    """``probe(seed, *overrides)`` (e.g. :func:`held_out_eps_error` bound to a folder) for the
-    full run and for it with ``without`` on top, over ``seeds``: the full run's errors and the
-    variant's :class:`Verdict`."""
-    full = [probe(s, *overrides) for s in seeds]
-    off = [probe(s, *overrides, *without) for s in seeds]
-    return full, compare(full, off, ",".join(without), margin)
+    """:func:`ablate_all` for one variant, ``without``: the full run's errors and its
+    :class:`Verdict`."""
+    full, (verdict,) = ablate_all(probe, overrides, [without], seeds, margin)
+    return full, verdict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,18 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build_method(compose_config([*a.overrides, *ov], output_dir=tmp).method)
         except Exception as e:  # noqa: BLE001 - named with the variant, before any compute
             p.error(f"{'the full run' if label == 'full' else f'--without {label}'}: {e}")
-    errors: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-ablate-") as tmp:
-        for label, ov in variants.items():
-            for seed in seeds:
-                t0 = time.perf_counter()
-                out = Path(tmp) / f"{len(errors)}-{seed}"
-                e = held_out_eps_error([*a.overrides, *ov], seed, out, a.n, a.threads)
-                errors.setdefault(label, []).append(e)
-                print(f"{label} seed {seed}: {e:.5f} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
-    full = errors.pop("full")
-    verdicts = [compare(full, v, label, a.margin) for label, v in errors.items()]
+        runs = itertools.count()
+
+        def probe(seed: int, *ov: str) -> float:
+            t0 = time.perf_counter()
+            e = held_out_eps_error(list(ov), seed, Path(tmp) / f"{next(runs)}-{seed}", a.n,
+                                   a.threads)
+            label = ",".join(ov[len(a.overrides):]) or "full"
+            print(f"{label} seed {seed}: {e:.5f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            return e
+
+        full, verdicts = ablate_all(probe, a.overrides, list(variants.values())[1:], seeds,
+                                    a.margin)
     print(f"\n| run | weighted ε error per seed ({a.seeds}) | worse than full "
           f"(> {a.margin:g}× spread) | minus full, seed by seed (mean ± std) | worse seed by "
           f"seed (all > 0, mean > {PAIRED_MARGIN:g}× std) |")

@@ -116,7 +116,7 @@ _BINARY = ["method.steps=2", "method.batch_size=2", "method.checkpoint_every=2",
 METHODS = {
     "quest": ["method=quest", "bits=w8a8", "method.calib_n=4", "method.calib_steps=2",
               "method.batch_size=4", "method.checkpoint_every=2", "method.tla.steps=2",
-              "method.cma.steps=2"],
+              "method.cma.steps=2", "method.adaround.iters=2"],
     "efficientdm": ["method=efficientdm", "bits=w8a8", "method.calib_n=4", "method.calib_steps=2",
                     "method.steps=3", "method.batch_size=2", "method.checkpoint_every=3",
                     "method.rank=4"],

@@ -19,10 +19,12 @@ from lowbit.train import HParamError, build_student, select_params
 
 # digits budget: tens of steps instead of the paper's thousands, so the learning rates are
 # raised (the paper's are the config defaults); min–max init keeps calibration fast
+# (the stages over a round-to-nearest start: the AdaRound start has its own test)
 FAST = ("sampler.steps=10", "method.calib_n=32", "method.calib_steps=10", "method.batch_size=16",
         "bits.act.init=minmax", "bits.weight.init=minmax", "trainer.enable_progress_bar=false",
         "method.tla.lr=3e-4", "method.tla.act_lr=3e-5", "method.cma.lr=1e-4",
-        "method.cma.act_lr=3e-5", "method.checkpoint_every=10", "logger=none")
+        "method.cma.act_lr=3e-5", "method.checkpoint_every=10", "logger=none",
+        "method.recon=none")
 
 
 pytestmark = pytest.mark.usefixtures("omp_threads")
@@ -85,6 +87,34 @@ def test_stages_key_selects_what_trains(make_cfg):
     assert not ws & {id(p) for g in tla + cma for _, p in g.params}
     with pytest.raises(HParamError, match="method.stages"):
         _ = QuEST(OmegaConf.merge(cfg.method, {"stages": ["tla", "xyz"]})).stages
+
+
+def test_quest_starts_from_adaround_weights_as_its_reference_code(make_cfg):
+    """The default start: Q-Diffusion's AdaRound block reconstruction of the weight rounding
+    before the activation calibration and the stages (label ``quest``); ``recon=none`` rounds to
+    nearest and says so in the label. The reconstructed weights lie on their quantizer's grid,
+    every unit is resumable from ``<run>/adaround``, and a bad key fails before any compute."""
+    cfg, ctx, loaded = _ctx(make_cfg, "method.recon=adaround", "method.adaround.iters=3",
+                            "method.calib_n=8", "method.calib_steps=2", "method.batch_size=4",
+                            "method.tla.steps=1", "method.cma.steps=1",
+                            "method.bits_rules.weight.init=minmax",
+                            "method.bits_rules.act.init=minmax")
+    method = build_method(cfg.method)
+    assert method.label == "quest"
+    assert build_method(OmegaConf.merge(cfg.method, {"recon": "none"})).label == "quest(rtn)"
+    assert build_method(OmegaConf.merge(cfg.method, {"recon": "none", "stages": ["tla"]})
+                        ).label == "quest[tla](rtn)"
+    student = method.prepare(loaded.net, ctx)
+    units = [u["name"] for u in ctx.report["adaround"]["units"]]
+    assert "down_blocks.0.resnets.0" in units and len(units) > 10
+    assert len(list((ctx.output_dir / "adaround").glob("*.pt"))) == len(units)
+    conv = student.get_submodule("down_blocks.0.resnets.0.conv1")  # neither TLA's nor CMA's
+    torch.testing.assert_close(conv.quantized_weight(), conv.weight, rtol=0, atol=1e-6)
+    for bad, key in ((["method.adaround.iters=0"], "iters"),
+                     (["+method.adaround.nope=1"], "method.adaround.nope"),
+                     (["method.recon=qdiff"], "method.recon")):
+        with pytest.raises(HParamError, match=key):
+            build_method(make_cfg("method=quest", *bad).method)
 
 
 def test_quest_beats_its_ptq_start_on_held_out_trajectories(make_cfg):

@@ -60,6 +60,7 @@ PAPER = {
         "sampler.steps": 50, "sampler.guidance_scale": 7.5, "model.resolution": 512,
         "metrics.num_samples": 10000, "method.calib_n": 128, "method.calib_steps": 25,
         "method.bits_rules.sm_bits": 16, "model.quest_critical_layers": ["*ff.net.*"],
+        "method.recon": "adaround", "method.adaround.store_device": "cpu",
         "method.calib_batch_size": 4, "trainer.accumulate_grad_batches": 2,
         "trainer.gradient_checkpointing": True},
     "efficientdm/imagenet": {
@@ -234,7 +235,8 @@ TINY = {
     "qdiffusion": ["method.calib_n=4", "method.calib_steps=2", "method.calib_batch_size=4",
                    "method.adaround.iters=2", "method.act_recon.iters=2", *_INIT],
     "quest": ["method.calib_n=4", "method.calib_steps=2", "method.batch_size=2",
-              "method.checkpoint_every=2", "method.tla.steps=2", "method.cma.steps=2", *_INIT],
+              "method.checkpoint_every=2", "method.tla.steps=2", "method.cma.steps=2",
+              "method.adaround.iters=2", *_INIT],
     "efficientdm": ["method.calib_n=4", "method.calib_steps=2", "method.steps=3",
                     "method.batch_size=2", "method.checkpoint_every=3", "method.rank=4",
                     "method.trajectory_steps=3", *_INIT],

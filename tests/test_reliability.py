@@ -553,7 +553,8 @@ def test_every_sampler_preset_reaches_ddim20_fid(tmp_path, preset):
 # ------------------------------------------------------------------------------------------------
 QUEST = ("method=quest", "bits=w8a8", "method.calib_n=4", "method.calib_steps=2",
          "method.calib_batch_size=4", "method.max_samples=256", "method.batch_size=4",
-         "method.checkpoint_every=2", "method.tla.steps=4", "method.cma.steps=4")
+         "method.checkpoint_every=2", "method.tla.steps=4", "method.cma.steps=4",
+         "method.adaround.iters=2")
 
 
 class Killed(BaseException):

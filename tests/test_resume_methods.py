@@ -40,7 +40,7 @@ METHODS = {
     # TLA then CMA, four steps each
     "quest": ("method=quest", "bits=w4a4", "method.calib_n=4", "method.calib_steps=2",
               "method.calib_batch_size=4", "method.max_samples=256", "method.tla.steps=4",
-              "method.cma.steps=4", *TRAIN),
+              "method.cma.steps=4", "method.adaround.iters=2", *TRAIN),
     "efficientdm": ("method=efficientdm", "bits=w4a4", "method.rank=4", *DISTILL),
     "qat": ("method=qat", "bits=w4a4", *DISTILL),
     # EBB switches to one basis at step 2: inside the redone part

@@ -18,6 +18,7 @@ from lowbit.data.trajectories import TrajectorySet, fp_trajectories
 from lowbit.methods.base import Method, MethodContext
 from lowbit.quant import QuantConfig, adaround_, run_bits
 from lowbit.quant.act_recon import ActReconConfig, act_reconstruct_
+from lowbit.quant.adaround import AdaRoundConfig
 from lowbit.sampling import SamplerConfig
 from lowbit.train import build_student, derive_seed
 from lowbit.train.hparams import HParamError, MethodParams
@@ -73,6 +74,26 @@ class CalibParams(MethodParams):
         super().check(prefix)
 
 
+def weight_reconstruction(adaround: dict, traj: TrajectorySet, batch_size: int,
+                          ctx: MethodContext):
+    """``build_student``'s transform for Q-Diffusion's weight PTQ: BRECQ/AdaRound block
+    reconstruction of the weight rounding on FP activations, before the activation steps are
+    calibrated (BRECQ's order). Resumable: finished units are kept under ``<run>/adaround``."""
+
+    def reconstruct(student: nn.Module):
+        return adaround_(student, traj.batches(batch_size), dict(adaround),
+                         state_dir=ctx.output_dir / "adaround")
+    return reconstruct
+
+
+def check_adaround(adaround: dict, prefix: str) -> None:
+    """A bad ``adaround`` key or value fails at config time, not after calibration."""
+    try:
+        AdaRoundConfig.from_dict(adaround, key=f"{prefix}.adaround")
+    except (TypeError, ValueError) as e:
+        raise HParamError(f"{prefix}.adaround: {e}") from e
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PTQParams(CalibParams):
     recon: str = "none"
@@ -83,6 +104,7 @@ class PTQParams(CalibParams):
         super().check(prefix)
         if self.recon not in RECON:
             raise HParamError(f"{prefix}.recon={self.recon!r}: choose one of {', '.join(RECON)}")
+        check_adaround(self.adaround, prefix)
         try:  # fails now, not after the weight reconstruction
             ActReconConfig.from_dict(self.act_recon, key=f"{prefix}.act_recon")
         except ValueError as e:
@@ -111,14 +133,10 @@ class PTQ(Method):
         traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
 
-        def reconstruct(student: nn.Module):
-            # BRECQ order: weights reconstructed first, on FP activations; then activation steps
-            return adaround_(student, traj.batches(p.calib_batch_size), dict(p.adaround),
-                             state_dir=ctx.output_dir / "adaround")
-
-        student, info = build_student(
-            teacher, qcfg, traj.batches(p.calib_batch_size), max_samples=p.max_samples,
-            transform=reconstruct if p.recon in ("adaround", "qdiff") else None)
+        reconstruct = (weight_reconstruction(p.adaround, traj, p.calib_batch_size, ctx)
+                       if p.recon in ("adaround", "qdiff") else None)
+        student, info = build_student(teacher, qcfg, traj.batches(p.calib_batch_size),
+                                      max_samples=p.max_samples, transform=reconstruct)
         if p.recon == "qdiff":  # Q-Diffusion: then the activation Δ, block by block (LSQ)
             t1 = time.perf_counter()
             act = act_reconstruct_(student, traj.batches(p.calib_batch_size), dict(p.act_recon),

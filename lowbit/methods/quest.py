@@ -27,7 +27,13 @@ from typing import Any
 from torch import nn
 
 from lowbit.methods.base import Method, MethodContext
-from lowbit.methods.ptq import CalibParams, calibration_set, quant_config
+from lowbit.methods.ptq import (
+    CalibParams,
+    calibration_set,
+    check_adaround,
+    quant_config,
+    weight_reconstruction,
+)
 from lowbit.models.adapter import FAMILIES
 from lowbit.train import (
     CachedTrajectoryData,
@@ -45,6 +51,7 @@ from lowbit.train.hparams import HParamError, MethodParams, TrainParams, instant
 log = logging.getLogger(__name__)
 
 STAGES = ("tla", "cma")
+RECON = ("none", "adaround")
 
 
 def family_layers(table: Any, model_name: str, family: str | None = None) -> list[str]:
@@ -86,6 +93,10 @@ class QuESTParams(CalibParams, TrainParams):
     critical_layers: dict
     tla: StageParams
     cma: StageParams
+    # the PTQ start's weights: round to nearest (none) or Q-Diffusion's AdaRound/BRECQ block
+    # reconstruction (adaround), which QuEST's reference code runs before its two stages
+    recon: str = "adaround"
+    adaround: dict = dataclasses.field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -93,6 +104,9 @@ class QuESTParams(CalibParams, TrainParams):
         if not st or len(set(st)) != len(st) or any(s not in STAGES for s in st):
             raise HParamError(f"{prefix}.stages={st}: a non-empty list of distinct stages from "
                               f"{list(STAGES)}, e.g. [tla,cma] or [tla]")
+        if self.recon not in RECON:
+            raise HParamError(f"{prefix}.recon={self.recon!r}: choose one of {', '.join(RECON)}")
+        check_adaround(self.adaround, prefix)
         if self.steps:
             raise HParamError(f"{prefix}.steps: QuEST's steps are per stage (tla.steps, "
                               f"cma.steps)")
@@ -111,7 +125,10 @@ class QuEST(Method):
 
     @property
     def label(self) -> str:
-        return self.name if self.stages == list(STAGES) else f"{self.name}[{'+'.join(self.stages)}]"
+        """``quest``, ``quest[tla]`` for one stage; ``(rtn)`` when the start's weights are
+        rounded to nearest instead of AdaRound-reconstructed as the reference code does."""
+        label = self.name if self.stages == list(STAGES) else f"{self.name}[{'+'.join(self.stages)}]"
+        return label if self.params.recon == "adaround" else f"{label}(rtn)"
 
     # -- what each stage trains ---------------------------------------------------------------------
     def stage_groups(self, student: nn.Module, stage: str, model_name: str,
@@ -162,10 +179,14 @@ class QuEST(Method):
         t0 = time.perf_counter()
         traj = calibration_set(ctx, teacher, p.calib_n, p.calib_steps)
         ctx.cost["trajectory_s"] = time.perf_counter() - t0
+        reconstruct = (weight_reconstruction(p.adaround, traj, p.calib_batch_size, ctx)
+                       if p.recon == "adaround" else None)
         student, info = build_student(teacher, qcfg, traj.batches(p.calib_batch_size),
-                                      max_samples=p.max_samples)
+                                      max_samples=p.max_samples, transform=reconstruct)
         ctx.cost["calib_s"] = info.calib_s
         ctx.report.update(info.report())
+        if info.transform is not None:
+            ctx.report["adaround"] = info.transform.to_dict()
 
         model_name = str(ctx.cfg.model.name)
         model_critical = ctx.cfg.model.get("quest_critical_layers")
