@@ -1,7 +1,8 @@
 """``method=quest``: QuEST — selective fine-tuning of a PTQ student (arXiv 2402.03666).
 
-Starts from PTQ (weights quantized per channel, timestep-aware activation quantizers, per-channel
-at A4 as the ``bits`` config says) and fine-tunes a few layers against the FP teacher on the
+Starts from PTQ (weights quantized per channel and, as in the reference code, their rounding
+reconstructed block by block with Q-Diffusion's AdaRound — ``recon: none`` rounds to nearest;
+timestep-aware activation quantizers, per-channel at A4 as the ``bits`` config says) and fine-tunes a few layers against the FP teacher on the
 cached FP calibration trajectories (data-free):
 
 - **TLA** (Temporal Layer Alignment): the time-embedding projection of each ResBlock
