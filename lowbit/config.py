@@ -223,8 +223,9 @@ def validate(cfg: DictConfig) -> None:
                               "(student.safetensors + quant_map.json) and reloads with "
                               "lowbit.export.load_student")
 
-    if "model" in cfg and "path" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "path") \
-            and not _get(cfg, "model.checkpoint"):
+    # .keys(): `in` on a DictConfig is False for a missing (???) value, which is what is asked
+    path_key = "model" in cfg and "path" in cfg.model.keys()  # noqa: SIM118
+    if path_key and OmegaConf.is_missing(cfg.model, "path") and not _get(cfg, "model.checkpoint"):
         # a CompVis LDM config (conf/model/ldm*.yaml)
         ldm = "checkpoint" in cfg.model.keys()  # noqa: SIM118 - as "path" above
         raise ConfigError("model.path", "???", "this model config needs a pipeline",

@@ -344,9 +344,9 @@ def test_a_second_live_attempt_on_the_folder_is_refused(make_cfg, no_compute):
     cfg = make_cfg("metrics.num_samples=20")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):  # another process's attempt, alive
-        with pytest.raises(RunDirError, match=r"another attempt \(pid \d+\).*Fix:.*hydra.run.dir"):
-            run_experiment(cfg)
+    with RunLock(out), pytest.raises(  # another process's attempt, alive
+            RunDirError, match=r"another attempt \(pid \d+\).*Fix:.*hydra.run.dir"):
+        run_experiment(cfg)
     assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
     RunLock(out).acquire().release()  # released: the next attempt may run
 

@@ -35,7 +35,7 @@ class RewardScore(Metric):
         if getattr(self.reward, "latent", False):
             raise ConfigError(f"{key}.reward", self.reward.name, "a latent proxy scores latents, "
                               "and this metric scores the decoded samples",
-                              f"score with its expert (e.g. lowbit.rewards.DigitsReward)")
+                              "score with its expert (e.g. lowbit.rewards.DigitsReward)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
                 or self.batch_size < 1:
             raise ConfigError(f"{key}.batch_size", self.batch_size, "must be a positive integer",

@@ -13,27 +13,34 @@ No method logic lives here; methods ask modules for parameters by role (:func:`q
 from .adaround import AdaRoundConfig, AdaRoundResult, adaround_
 from .attention import AttentionQuantizers, QuantAttnProcessor
 from .calibrate import CalibrationResult, calibrate_
-from .config import (LayerOverride, LayerPlan, QuantConfig, QuantSpec, bits_label, preset_names,
-                     run_bits)
+from .config import (
+                     LayerOverride,
+                     LayerPlan,
+                     QuantConfig,
+                     QuantSpec,
+                     bits_label,
+                     preset_names,
+                     run_bits,
+)
 from .modules import ROLES, QuantConv2d, QuantLinear, QuantModuleMixin
 from .quantize import (
-    FPRecord,
-    LayerRecord,
-    QuantReport,
-    TimestepHook,
-    act_quantizers,
-    concat_split_points,
-    is_quantized,
-    named_quantizers,
-    quant_disabled,
-    quant_params,
-    quantize_,
-    register_timestep_hook,
-    remove_timestep_hook,
-    set_quant_state_,
-    set_timestep,
-    timestep_aware_quantizers,
-    weight_quantizers,
+                     FPRecord,
+                     LayerRecord,
+                     QuantReport,
+                     TimestepHook,
+                     act_quantizers,
+                     concat_split_points,
+                     is_quantized,
+                     named_quantizers,
+                     quant_disabled,
+                     quant_params,
+                     quantize_,
+                     register_timestep_hook,
+                     remove_timestep_hook,
+                     set_quant_state_,
+                     set_timestep,
+                     timestep_aware_quantizers,
+                     weight_quantizers,
 )
 from .quantizers import TimestepActQuantizer, UniformQuantizer, fake_quantize
 from .size import SizeReport, model_size

@@ -26,8 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adaround import (BLOCK_TYPES, AdaRoundConfig, _eval_loss, _run_unit, capture_inputs,
-                       rec_loss, reconstruction_units)
+from .adaround import (
+    BLOCK_TYPES,
+    AdaRoundConfig,
+    _eval_loss,
+    _run_unit,
+    capture_inputs,
+    rec_loss,
+    reconstruction_units,
+)
 from .quantize import act_quantizers, quant_disabled
 from .quantizers import MIN_SCALE
 
