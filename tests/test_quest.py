@@ -57,7 +57,7 @@ def test_family_layer_lists():
 def test_stages_key_selects_what_trains(make_cfg):
     cfg, ctx, loaded = _ctx(make_cfg, "method.stages=[tla]")
     method = build_method(cfg.method)
-    assert isinstance(method, QuEST) and method.label == "quest[tla]"
+    assert isinstance(method, QuEST) and method.label == "quest[tla](rtn)"
     traj = calibration_set(ctx, loaded.net, 8, 2)
     qcfg = quant_config(cfg).with_overrides({"act": {"timestep_aware": True}})
     student, _ = build_student(loaded.net, qcfg, traj.batches(16))
