@@ -78,11 +78,14 @@ def weight_reconstruction(adaround: dict, traj: TrajectorySet, batch_size: int,
                           ctx: MethodContext):
     """``build_student``'s transform for Q-Diffusion's weight PTQ: BRECQ/AdaRound block
     reconstruction of the weight rounding on FP activations, before the activation steps are
-    calibrated (BRECQ's order). Resumable: finished units are kept under ``<run>/adaround``."""
+    calibrated (BRECQ's order). Resumable: finished units are kept under ``<run>/adaround``;
+    the per-unit losses go into the run's report (``adaround``)."""
 
     def reconstruct(student: nn.Module):
-        return adaround_(student, traj.batches(batch_size), dict(adaround),
-                         state_dir=ctx.output_dir / "adaround")
+        result = adaround_(student, traj.batches(batch_size), dict(adaround),
+                           state_dir=ctx.output_dir / "adaround")
+        ctx.report["adaround"] = result.to_dict()
+        return result
     return reconstruct
 
 
@@ -146,7 +149,4 @@ class PTQ(Method):
         ctx.cost["calib_s"] = info.calib_s
         ctx.cost["trainable_params"] = 0
         ctx.report.update(info.report())
-        if info.transform is not None:
-            ar = info.transform
-            ctx.report["adaround"] = ar.to_dict() if hasattr(ar, "to_dict") else str(ar)
         return student

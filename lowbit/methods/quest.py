@@ -1,9 +1,10 @@
 """``method=quest``: QuEST — selective fine-tuning of a PTQ student (arXiv 2402.03666).
 
-Starts from PTQ (weights quantized per channel and, as in the reference code, their rounding
-reconstructed block by block with Q-Diffusion's AdaRound — ``recon: none`` rounds to nearest;
-timestep-aware activation quantizers, per-channel at A4 as the ``bits`` config says) and fine-tunes a few layers against the FP teacher on the
-cached FP calibration trajectories (data-free):
+Starts from PTQ: weights quantized per channel, their rounding reconstructed block by block
+with Q-Diffusion's AdaRound as in the reference code (``recon: none`` rounds to nearest), and
+timestep-aware activation quantizers, per-channel at A4 as the ``bits`` config says. Then it
+fine-tunes a few layers against the FP teacher on the cached FP calibration trajectories
+(data-free):
 
 - **TLA** (Temporal Layer Alignment): the time-embedding projection of each ResBlock
   (``time_emb_proj`` in diffusers, ``emb_layers`` in LDM code) — weights, bias and their
@@ -186,8 +187,6 @@ class QuEST(Method):
                                       max_samples=p.max_samples, transform=reconstruct)
         ctx.cost["calib_s"] = info.calib_s
         ctx.report.update(info.report())
-        if info.transform is not None:
-            ctx.report["adaround"] = info.transform.to_dict()
 
         model_name = str(ctx.cfg.model.name)
         model_critical = ctx.cfg.model.get("quest_critical_layers")
